@@ -1,0 +1,403 @@
+"""Clustering metrics, a k-means baseline on frozen features, and a command line that scores a checkpoint.
+
+    python eval_clustering.py --checkpoint out/ckpt.pt                       # every head + k-means baselines
+    python eval_clustering.py --checkpoint out/ckpt.pt --json scores.json --grid-dir grids
+    python eval_clustering.py --arch resnet50 --weights r50.pth --dataset imagefolder --data DIR   # k-means only
+
+Metrics follow scikit-learn's definitions exactly (NMI and AMI with the arithmetic-mean normaliser, AMI with
+the exact expected mutual information, ARI as adjusted_rand_score), with numpy and scipy only. ACC is the
+accuracy after the best one-to-one matching of clusters to classes (Hungarian algorithm); with more clusters
+than classes, acc_majority maps each cluster to its most frequent class.
+
+The functions above the command-line section import nothing from selfclassifier.py; only the command line,
+which needs the model and the data, does.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.special import gammaln
+
+# CIFAR-100 fine label (alphabetical class index) -> one of its 20 superclasses, from the dataset's own
+# "coarse_labels"; the clustering literature scores CIFAR-100 against these 20 classes.
+CIFAR100_SUPERCLASS = np.array([
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13])
+
+
+# =====================================================================================================
+# Metrics
+# =====================================================================================================
+def check_labels(y_true, y_pred):
+    """Validate two labelings; return them as int64 arrays or raise ValueError with a one-line reason."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.ndim != 1 or y_pred.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shapes {y_true.shape} and {y_pred.shape}")
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} labels but y_pred has {len(y_pred)}")
+    if len(y_true) == 0:
+        raise ValueError("no labels: y_true and y_pred are empty")
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)):
+            raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    return y_true.astype(np.int64), y_pred.astype(np.int64)
+
+
+def contingency_matrix(y_true, y_pred):
+    """Counts [classes, clusters] of samples per (true class, predicted cluster); labels may be any integers."""
+    classes, true_idx = np.unique(y_true, return_inverse=True)
+    clusters, pred_idx = np.unique(y_pred, return_inverse=True)
+    flat = np.bincount(true_idx * len(clusters) + pred_idx, minlength=len(classes) * len(clusters))
+    return flat.reshape(len(classes), len(clusters))
+
+
+def entropy(counts):
+    """Shannon entropy (nats) of the distribution given by counts."""
+    counts = counts[counts > 0].astype(np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def mutual_info(contingency):
+    """Mutual information (nats) of the two labelings behind a contingency matrix."""
+    n = contingency.sum()
+    nz = contingency[contingency > 0].astype(np.float64)
+    row, col = np.nonzero(contingency)
+    a, b = contingency.sum(1)[row].astype(np.float64), contingency.sum(0)[col].astype(np.float64)
+    terms = nz / n * (np.log(nz * n) - np.log(a * b))
+    terms[np.abs(terms) < np.finfo(np.float64).eps] = 0.0  # as scikit-learn: drop rounding noise per term
+    return max(0.0, float(terms.sum()))
+
+
+def expected_mutual_info(a, b, n, max_terms=1 << 22):
+    """E[MI] of two random labelings with row sums a and column sums b (hypergeometric model, Vinh et al. 2010),
+    exact as scikit-learn's expected_mutual_information, in vectorised numpy.
+
+    The sum runs over cells (i, j) and values n_ij in [max(1, a_i + b_j - n), min(a_i, b_j)]. A cell's terms
+    depend only on (a_i, b_j), so cells are grouped by distinct (a, b) pairs and weighted by their multiplicity:
+    class sizes take at most ~sqrt(2n) distinct values, which bounds the work whatever the number of clusters.
+    """
+    a_vals, a_mult = np.unique(np.asarray(a), return_counts=True)
+    b_vals, b_mult = np.unique(np.asarray(b), return_counts=True)
+    A, B = (v.ravel().astype(np.float64) for v in np.meshgrid(a_vals, b_vals, indexing="ij"))
+    weight = np.outer(a_mult, b_mult).ravel().astype(np.float64)
+    lo = np.maximum(1, A + B - n)
+    lengths = np.maximum(np.minimum(A, B) - lo + 1, 0).astype(np.int64)
+    # log of the hypergeometric normaliser a! b! (n-a)! (n-b)! / n!, per pair
+    log_norm = gammaln(A + 1) + gammaln(B + 1) + gammaln(n - A + 1) + gammaln(n - B + 1) - gammaln(n + 1)
+    emi, ends = 0.0, np.cumsum(lengths)
+    start = 0
+    while start < len(A):  # pairs in chunks of about max_terms terms
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - lengths[start] + max_terms, side="right")))
+        pair = np.repeat(np.arange(start, stop), lengths[start:stop])
+        first = np.cumsum(lengths[start:stop]) - lengths[start:stop]
+        nij = lo[pair] + (np.arange(len(pair)) - np.repeat(first, lengths[start:stop]))
+        a_, b_ = A[pair], B[pair]
+        log_p = (log_norm[pair] - gammaln(nij + 1) - gammaln(a_ - nij + 1) - gammaln(b_ - nij + 1)
+                 - gammaln(n - a_ - b_ + nij + 1))
+        emi += float((weight[pair] * nij / n * (np.log(n * nij) - np.log(a_ * b_)) * np.exp(log_p)).sum())
+        start = stop
+    return emi
+
+
+def adjusted_rand_index(contingency):
+    """ARI from pair counts, in exact integer arithmetic (scikit-learn's adjusted_rand_score)."""
+    n = int(contingency.sum())
+    sum_squares = int((contingency.astype(np.int64) ** 2).sum())
+    rows, cols = contingency.sum(1).astype(np.int64), contingency.sum(0).astype(np.int64)
+    tp = sum_squares - n                                   # ordered pairs together in both labelings
+    fp = int((rows ** 2).sum()) - sum_squares              # together in y_true only
+    fn = int((cols ** 2).sum()) - sum_squares              # together in y_pred only
+    tn = n * n - tp - fp - fn - n
+    if fp == 0 and fn == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
+def hungarian_accuracy(contingency):
+    """Accuracy under the best one-to-one cluster -> class matching; unmatched clusters count as errors."""
+    row, col = linear_sum_assignment(contingency, maximize=True)
+    return float(contingency[row, col].sum() / contingency.sum()), dict(zip(col.tolist(), row.tolist()))
+
+
+def cluster_metrics(y_true, y_pred):
+    """NMI, AMI, ARI, ACC of predicted clusters against true classes (plus acc_majority when there are more
+    clusters than classes). Same values and edge cases as scikit-learn's normalized_mutual_info_score,
+    adjusted_mutual_info_score, adjusted_rand_score (arithmetic-mean normalisation)."""
+    y_true, y_pred = check_labels(y_true, y_pred)
+    cont = contingency_matrix(y_true, y_pred)
+    n = len(y_true)
+    num_classes, num_clusters = cont.shape
+    if num_classes == num_clusters == 1:  # neither labeling splits the data: a perfect match
+        nmi = ami = 1.0
+    elif num_classes == 1 or num_clusters == 1:  # one labeling carries no information
+        nmi = ami = 0.0
+    else:
+        mi = mutual_info(cont)
+        h_mean = (entropy(cont.sum(1)) + entropy(cont.sum(0))) / 2
+        nmi = mi / h_mean if mi > 0 else 0.0
+        emi = expected_mutual_info(cont.sum(1), cont.sum(0), n)
+        # scikit-learn keeps numerator and denominator at least eps away from 0, sign preserved, so that a
+        # perfect match whose E[MI] equals its entropy (e.g. all singletons) scores 1, not 0/0
+        eps = np.finfo(np.float64).eps
+        numerator, denominator = (min(v, -eps) if v < 0 else max(v, eps) for v in (mi - emi, h_mean - emi))
+        ami = numerator / denominator
+    scores = dict(nmi=float(nmi), ami=float(ami), ari=adjusted_rand_index(cont), acc=hungarian_accuracy(cont)[0])
+    if num_clusters > num_classes:
+        scores["acc_majority"] = float(cont.max(0).sum() / n)
+    return scores
+
+
+# =====================================================================================================
+# k-means in torch: greedy k-means++ init, restarts, chunked distances, empty clusters re-seeded.
+# =====================================================================================================
+def squared_distances(x, x_sq, centroids):
+    """||x - c||^2 for every row of x and every centroid: [n, k], via ||x||^2 - 2 x.c + ||c||^2."""
+    return (x_sq[:, None] - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None]).clamp_min_(0)
+
+
+def assign(x, x_sq, centroids, chunk_rows):
+    """Nearest centroid and its squared distance for every row, chunked so that no [N, k] matrix is built."""
+    labels, dists = [], []
+    for start in range(0, len(x), chunk_rows):
+        d = squared_distances(x[start:start + chunk_rows], x_sq[start:start + chunk_rows], centroids)
+        dist, label = d.min(1)
+        labels.append(label)
+        dists.append(dist)
+    return torch.cat(labels), torch.cat(dists)
+
+
+def kmeans_plus_plus(x, x_sq, k, gen, chunk_rows):
+    """Greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's variant): each new centre is the best of
+    2 + ln(k) candidates drawn with probability proportional to the squared distance to the chosen centres."""
+    n = len(x)
+    trials = 2 + int(math.log(k))
+    first = torch.randint(n, (1,), device=x.device, generator=gen)
+    centres = [x[first]]
+    closest = assign(x, x_sq, x[first], chunk_rows)[1].double()
+    for _ in range(1, k):
+        cumulative = closest.cumsum(0)
+        draws = torch.rand(trials, device=x.device, generator=gen, dtype=torch.float64) * cumulative[-1]
+        candidates = torch.searchsorted(cumulative, draws).clamp_(max=n - 1)
+        potentials, new_closest = [], []
+        for c in candidates:  # potential = total squared distance if this candidate is added
+            d = torch.minimum(closest, assign(x, x_sq, x[c:c + 1], chunk_rows)[1].double())
+            potentials.append(d.sum())
+            new_closest.append(d)
+        best = int(torch.stack(potentials).argmin())
+        centres.append(x[candidates[best]:candidates[best] + 1])
+        closest = new_closest[best]
+    return torch.cat(centres)
+
+
+def cluster_sums(x, labels, k):
+    """Per-cluster sum of rows [k, D]: index_add_ on the CPU; a one-hot product on the GPU (deterministic)."""
+    if x.is_cuda:
+        one_hot = torch.zeros(len(x), k, device=x.device, dtype=x.dtype)
+        one_hot[torch.arange(len(x), device=x.device), labels] = 1
+        return one_hot.T @ x
+    return torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+
+
+def kmeans(x, k, n_init=10, n_iter=300, tol=1e-4, seed=0, device=None, chunk_rows=None):
+    """k-means (Lloyd) with greedy k-means++ init; the best of n_init restarts by inertia.
+
+    x: [N, D] array or tensor (use l2-normalised features for the usual baseline). Runs on `device` (default:
+    CUDA when available). Stops a restart when the centres move less than tol x the mean feature variance
+    (scikit-learn's rule) or the labels stop changing; an emptied cluster is re-seeded with the point farthest
+    from its centre. Deterministic for a seed. Returns (labels [N] int64, centroids [k, D]) on the CPU.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.as_tensor(x, dtype=torch.float32).to(device)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"kmeans needs a non-empty [N, D] array, got shape {tuple(x.shape)}")
+    if not 1 <= k <= len(x):
+        raise ValueError(f"kmeans needs 1 <= k <= N, got k={k} for N={len(x)}")
+    chunk_rows = chunk_rows or max(1, (1 << 24) // max(k, 1))
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    x_sq = (x * x).sum(1)
+    tol = tol * float(x.var(0, unbiased=False).mean())
+    best_inertia, best = math.inf, None
+    for _ in range(n_init):
+        centroids = kmeans_plus_plus(x, x_sq, k, gen, chunk_rows)
+        labels = None
+        for _ in range(n_iter):
+            new_labels, dists = assign(x, x_sq, centroids, chunk_rows)
+            if labels is not None and torch.equal(new_labels, labels):
+                break
+            labels = new_labels
+            counts = torch.bincount(labels, minlength=k)
+            new_centroids = cluster_sums(x, labels, k) / counts.clamp_min(1)[:, None].to(x.dtype)
+            empty = (counts == 0).nonzero().flatten()
+            if len(empty):  # re-seed empty clusters with the worst-fitted points
+                new_centroids[empty] = x[dists.topk(len(empty)).indices]
+            shift = float(((new_centroids - centroids) ** 2).sum())
+            centroids = new_centroids
+            if shift <= tol:
+                break
+        labels, dists = assign(x, x_sq, centroids, chunk_rows)
+        inertia = float(dists.double().sum())
+        if inertia < best_inertia:
+            best_inertia, best = inertia, (labels.cpu(), centroids.cpu())
+    return best
+
+
+def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds):
+    """The field's baseline: k-means on l2-normalised features of the training split, each evaluation sample
+    assigned to its nearest centroid and scored; one row of metrics per seed."""
+    train_features = torch.nn.functional.normalize(torch.as_tensor(train_features).float(), dim=1)
+    eval_features = torch.nn.functional.normalize(torch.as_tensor(eval_features).float(), dim=1)
+    runs = []
+    for seed in seeds:
+        _, centroids = kmeans(train_features, k, n_init=1, seed=seed)
+        pred = assign(eval_features, (eval_features ** 2).sum(1), centroids, 1 << 14)[0]
+        runs.append(cluster_metrics(np.asarray(eval_labels), pred.numpy()))
+    return runs
+
+
+# =====================================================================================================
+# Command line
+# =====================================================================================================
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", help="a checkpoint written by selfclassifier.py")
+    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="without --checkpoint: k-means baseline on this torchvision backbone")
+    p.add_argument("--weights", help="with --arch: backbone state dict (random initialisation when omitted)")
+    p.add_argument("--stem", choices=("cifar", "imagenet"), help="with --arch: stem (default: cifar for images of at most 64 px)")
+    p.add_argument("--image-size", type=int, help="evaluation image side (default: the checkpoint's global crop size, or 32 / 224)")
+    p.add_argument("--dataset", help="default: the checkpoint's dataset")
+    p.add_argument("--data", help="default: the checkpoint's data root")
+    p.add_argument("--cifar100-fine", action="store_true", help="score CIFAR-100 on its 100 fine classes instead of the 20 superclasses")
+    p.add_argument("--kmeans-seeds", type=int, default=3, help="k-means runs per feature kind (0 = no k-means baseline)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.add_argument("--grid-dir", help="save a PNG grid of random evaluation images for each best-matched predicted class")
+    args = p.parse_args(argv)
+    if not args.checkpoint and not args.arch:
+        p.error("give --checkpoint, or --arch (with --dataset) for a k-means baseline without a checkpoint")
+    if not args.checkpoint and not args.dataset:
+        p.error("--arch needs --dataset (and --data)")
+    return args
+
+
+def load_model_and_config(args):
+    import selfclassifier as sc
+    if args.checkpoint:
+        state = sc.load_checkpoint(args.checkpoint)
+        try:
+            model, cfg = sc.model_from_checkpoint(state)
+        except (RuntimeError, TypeError) as error:
+            raise sc.UserError(f"{args.checkpoint} does not match this code's model ({str(error).splitlines()[0]})") from None
+        overrides = {k: v for k, v in dict(dataset=args.dataset, data=args.data).items() if v}
+        return model, sc.config_from_checkpoint(state, **overrides)
+    if args.dataset not in sc.DATASETS:
+        raise sc.UserError(f"unknown --dataset {args.dataset}; choose from {', '.join(sc.DATASETS)}")
+    size = args.image_size or (32 if args.dataset in ("cifar10", "cifar100", "synthetic") else 96 if args.dataset == "stl10" else 224)
+    stem = args.stem or ("cifar" if size <= 64 else "imagenet")
+    cfg = sc.Config(dataset=args.dataset, data=args.data or "./data", arch=args.arch, stem=stem, global_size=size, num_classes=[])
+    model = sc.build_model(cfg, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if args.weights:
+        if not Path(args.weights).is_file():
+            raise sc.UserError(f"--weights {args.weights} does not exist")
+        weights = torch.load(args.weights, map_location="cpu", weights_only=True)
+        weights = sc.strip_prefixes(weights.get("state_dict", weights))
+        weights = {k.removeprefix("backbone."): v for k, v in weights.items() if not k.startswith("fc.")}
+        missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
+        if missing:
+            raise sc.UserError(f"--weights {args.weights} lacks {len(missing)} {args.arch} tensors, e.g. {missing[0]}")
+    return model, cfg
+
+
+def format_table(rows):
+    lines = [f"{'':34s} {'NMI':>11s} {'AMI':>11s} {'ARI':>11s} {'ACC':>11s} {'ACC-maj':>11s}"]
+    for name, scores in rows.items():
+        cells = []
+        for key in ("nmi", "ami", "ari", "acc", "acc_majority"):
+            if key not in scores:
+                cells.append(f"{'':>11s}")
+            elif isinstance(scores[key], dict):
+                cells.append(f"{100 * scores[key]['mean']:5.1f} ±{100 * scores[key]['std']:4.1f}")
+            else:
+                cells.append(f"{100 * scores[key]:11.1f}")
+        lines.append(f"{name:34s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def save_grids(grid_dir, dataset, size, labels, predictions, class_names, per_class=16, seed=0):
+    """One PNG per matched predicted class: random evaluation images the head put into it."""
+    import torchvision
+    import selfclassifier as sc
+    grid_dir = Path(grid_dir)
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    _, cluster_to_class = hungarian_accuracy(contingency_matrix(labels, predictions))
+    clusters = np.unique(predictions)
+    rng = np.random.default_rng(seed)
+    transform = sc.eval_transform(size)
+    for position, class_index in sorted(cluster_to_class.items(), key=lambda kv: kv[1]):
+        cluster = clusters[position]
+        members = np.flatnonzero(predictions == cluster)
+        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False)
+        if isinstance(dataset, sc.ImageArray):
+            images = dataset.images[chosen].float() / 255
+        else:
+            images = torch.stack([transform(dataset[int(i)][0]) for i in chosen])
+        name = class_names[class_index] if class_index < len(class_names) else str(class_index)
+        torchvision.utils.save_image(images, grid_dir / f"cluster{cluster:04d}_matched-{name}.png", nrow=4, padding=1)
+
+
+def evaluate(args):
+    import selfclassifier as sc
+    model, cfg = load_model_and_config(args)
+    model = model.to(args.device)
+    size = args.image_size or cfg.global_size
+    train_set, eval_set = sc.load_split(cfg, train=True), sc.load_split(cfg, train=False)
+    print(f"extracting features of {len(eval_set)} evaluation and {len(train_set)} training images on {args.device}", file=sys.stderr)
+    ev = sc.extract(model, eval_set, size, args.batch_size, args.workers, args.device)
+    labels, class_names = ev["labels"].numpy(), list(eval_set.classes)
+    if cfg.dataset == "cifar100" and not args.cifar100_fine:
+        labels, class_names = CIFAR100_SUPERCLASS[labels], [f"superclass{i}" for i in range(20)]
+    num_true = len(np.unique(labels))
+    rows = {}
+    for c, pred in zip(cfg.num_classes, ev["predictions"]):
+        rows[f"head C={c}"] = cluster_metrics(labels, pred.numpy())
+    if args.kmeans_seeds > 0:
+        tr = sc.extract(model, train_set, size, args.batch_size, args.workers, args.device)
+        kinds = [("backbone", "backbone")] + ([("projection", "embedding")] if args.checkpoint else [])
+        for title, key in kinds:
+            runs = kmeans_baseline(tr[key], ev[key], labels, num_true, range(args.kmeans_seeds))
+            rows[f"k-means {title} (k={num_true}, {len(runs)} seeds)"] = {
+                m: dict(mean=float(np.mean([r[m] for r in runs])), std=float(np.std([r[m] for r in runs])))
+                for m in runs[0]}
+    source = args.checkpoint or f"{args.arch} ({args.weights or 'random init'})"
+    print(f"{source} on {cfg.dataset} evaluation split ({len(labels)} images, {num_true} classes)")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(source=source, dataset=cfg.dataset, scores=rows), indent=2))
+    if args.grid_dir and cfg.num_classes:
+        head = min(range(len(cfg.num_classes)), key=lambda h: abs(cfg.num_classes[h] - num_true))
+        save_grids(args.grid_dir, eval_set, size, labels, ev["predictions"][head].numpy(), class_names)
+    return rows
+
+
+def main(argv=None):
+    import selfclassifier as sc
+    args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except (sc.UserError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1029 @@
+"""Self-Classifier in one file: self-supervised classification, trained end to end in one stage.
+
+Amrani, Karlinsky, Bronstein, "Self-Supervised Classification Network", ECCV 2022 (arXiv 2103.10994).
+Augmented views of an image go through backbone -> projection MLP -> linear classifiers over C classes, and
+every view must predict the class of the others. A uniform prior over classes (a softmax over the *batch*,
+paper Eq. 4-5) rules out the trivial solution, so no pseudo-labels, k-means, momentum encoder or
+stop-gradient are needed.
+
+Run (see README.md for measured numbers):
+    # CPU smoke run on an offline synthetic dataset with known labels
+    python selfclassifier.py --dataset synthetic --stem imagenet --epochs 6 --batch-size 128 --hidden-dim 1024
+    # CIFAR-10 on one GPU (the defaults)
+    python selfclassifier.py --dataset cifar10 --data ./data --download
+    # several GPUs on one machine
+    torchrun --nproc_per_node=4 selfclassifier.py --dataset cifar10 --data ./data
+    # the paper's ImageNet configuration: see README.md
+
+Sections: config | data | augmentation | model | loss | nearest-neighbour queue | LARS | schedule |
+distributed helpers | checkpoints | evaluation | training | main.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+from eval_clustering import cluster_metrics
+
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment: printed as one line, never as a traceback."""
+
+
+# =====================================================================================================
+# Config: every knob in one place. The command line is generated from these fields.
+# =====================================================================================================
+def option(default, help, **argparse_kwargs):
+    """A config field whose help text (and argparse settings) live next to its default."""
+    metadata = dict(help=help, **argparse_kwargs)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def num_classes_type(text):
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a head needs at least 2 classes, got {text}")
+    return value
+
+
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
+def scale_type(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a crop scale is a fraction of the image area in (0, 1], got {text}")
+    return value
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = option("cifar10", "training data", choices=DATASETS)
+    data: str = option("./data", "dataset root; imagefolder reads DATA/train/<class>/* and DATA/test (or val)/<class>/*")
+    download: bool = option(False, "let torchvision download CIFAR / STL-10 into --data")
+    in_memory_max_size: int = option(96, "imagefolder: decode images once into memory when they are at most this many pixels a side (0 = never)", type=non_negative_int)
+    batch_aug: str = option("auto", "augment whole batches on the training device with per-sample random parameters; auto = on for in-memory datasets", choices=("auto", "on", "off"))
+    workers: int = option(8, "data-loading processes per GPU (file-based data, or --batch-aug off)", type=non_negative_int)
+    # multi-crop augmentation (paper: 2 x 224 px at scale (0.4, 1), 6 x 96 px at scale (0.05, 0.4))
+    global_size: int = option(32, "side of the two global crops in pixels", type=positive_int)
+    global_scale: tuple = option((0.4, 1.0), "area range of the global crops", nargs=2, type=scale_type)
+    local_crops: int = option(4, "number of local crops (0 = two views only)", type=non_negative_int)
+    local_size: int = option(16, "side of the local crops in pixels", type=positive_int)
+    local_scale: tuple = option((0.05, 0.4), "area range of the local crops", nargs=2, type=scale_type)
+    blur_prob: tuple = option((0.0, 0.0, 0.0), "Gaussian blur probability for global crop 1, global crop 2, local crops (paper: 1.0 0.1 0.5)", nargs=3, type=probability)
+    solarize_prob: float = option(0.2, "solarisation probability of global crop 2", type=probability)
+    # model
+    arch: str = option("resnet18", "torchvision backbone", choices=("resnet18", "resnet34", "resnet50"))
+    stem: str = option("auto", "cifar = 3x3 stride-1 conv, no max-pool; imagenet = 7x7 stride-2 conv + max-pool; auto = cifar when --global-size <= 64", choices=("auto", "cifar", "imagenet"))
+    hidden_dim: int = option(4096, "hidden width of the projection MLP", type=positive_int)
+    embed_dim: int = option(128, "output width of the projection MLP (the l2-normalised embedding)", type=positive_int)
+    num_classes: list = option((10, 20, 40, 80), "one classification head per value: its number of classes C", nargs="+", type=num_classes_type)
+    # loss (paper: tau_row 0.1, tau_col 0.05)
+    row_tau: float = option(0.1, "temperature of the softmax over classes (prediction)", type=positive_float)
+    col_tau: float = option(0.05, "temperature of the softmax over the batch (target)", type=positive_float)
+    queue_len: int = option(0, "nearest-neighbour queue length (0 = off; paper: 262144 on ImageNet)", type=non_negative_int)
+    # optimisation (paper, ImageNet: LARS, lr 4.8 at batch 4096, warmup 10 epochs from 0.3, cosine to 0.0048)
+    epochs: int = option(100, "training epochs", type=positive_int)
+    batch_size: int = option(512, "images per GPU per step", type=positive_int)
+    optimizer: str = option("lars", "lars = SGD + layer-wise trust ratio (apex LARC, clip=False); sgd = plain SGD", choices=("lars", "sgd"))
+    lr: float = option(2.0, "peak learning rate (after warmup)", type=positive_float)
+    warmup_lr: float = option(0.2, "learning rate at step 0", type=float)
+    final_lr: float = option(0.002, "learning rate at the last step", type=float)
+    warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=float)
+    weight_decay: float = option(1e-5, "weight decay", type=float)
+    momentum: float = option(0.9, "SGD momentum", type=float)
+    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for biases and norm parameters (DINO's choice); the authors adapt every parameter")
+    # run
+    precision: str = option("auto", "autocast dtype; auto = bf16 on GPU, fp32 on CPU (the loss is always float32)", choices=("auto", "bf16", "fp16", "fp32"))
+    compile: bool = option(False, "torch.compile the backbone")
+    seed: int = option(0, "random seed (each rank adds its rank)", type=int)
+    device: str = option("auto", "auto = cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
+    out_dir: str = option("out", "checkpoint ckpt.pt and log.jsonl go here; an existing ckpt.pt is resumed")
+    resume: str = option("", "checkpoint to resume from (default: OUT_DIR/ckpt.pt when it exists)")
+    max_steps: int = option(0, "stop after this many steps in total (0 = run all epochs; the schedule still spans --epochs)", type=non_negative_int)
+    log_every: int = option(50, "steps between log lines", type=positive_int)
+    save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints (one is always written at each epoch end)", type=positive_float)
+    eval_every: int = option(1, "epochs between NMI/ACC evaluations on the test split (0 = never)", type=non_negative_int)
+
+
+def config_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kwargs = dict(f.metadata)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "type" not in kwargs:
+            kwargs["type"] = type(default)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kwargs)
+    return parser
+
+
+def parse_config(argv=None):
+    parser = config_parser()
+    cfg = Config(**vars(parser.parse_args(argv)))
+    for name in ("global_scale", "local_scale"):
+        low, high = getattr(cfg, name)
+        if low > high:
+            parser.error(f"--{name.replace('_', '-')}: the first value must not exceed the second, got {low} {high}")
+    if cfg.warmup_epochs > cfg.epochs:
+        parser.error(f"--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}")
+    return cfg
+
+
+# =====================================================================================================
+# Data. In-memory datasets (CIFAR, STL-10, synthetic, small image folders) are uint8 tensors; large image
+# folders are read from disk by DataLoader workers. Labels are only used for monitoring and evaluation.
+# =====================================================================================================
+class ImageArray(torch.utils.data.Dataset):
+    """Images held in memory as one uint8 tensor [N, 3, H, W] with integer labels [N] (-1 = unlabelled)."""
+
+    def __init__(self, images, labels, classes):
+        self.images, self.labels, self.classes = images, labels, list(classes)
+        self.targets = labels.tolist()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], self.targets[index]
+
+
+def make_synthetic(train, size=32):
+    """A small offline dataset with 10 known classes: 5 textures x 2 scales, random colours, phase and noise.
+
+    Each class survives crops, flips, colour jitter and grayscale (it is defined by shape, not colour), so
+    the method can find it; the pixels and labels depend only on the split.
+    """
+    n = 2000 if train else 500
+    gen = torch.Generator().manual_seed(1 if train else 2)
+    labels = torch.arange(n) % 10
+    texture, period = labels // 2, torch.where(labels % 2 == 0, 4.0, 12.0)
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    freq = (2 * math.pi / period).view(n, 1, 1)
+    phase_x, phase_y = (torch.rand(2, n, 1, 1, generator=gen) * 2 * math.pi).unbind(0)
+    centre = torch.rand(n, 2, 1, 1, generator=gen) * size
+    radius = ((xx - centre[:, 0]) ** 2 + (yy - centre[:, 1]) ** 2).sqrt()
+    patterns = torch.stack([
+        torch.sin(freq * yy + phase_y),                                 # horizontal stripes
+        torch.sin(freq * xx + phase_x),                                 # vertical stripes
+        torch.sin(freq * xx + phase_x) * torch.sin(freq * yy + phase_y),  # checkerboard
+        torch.sin(freq * radius),                                       # rings
+        torch.sin(freq * (xx + yy) / 1.4 + phase_x).abs() - torch.sin(freq * (xx - yy) / 1.4 + phase_y).abs(),  # cross-hatch
+    ])[texture, torch.arange(n)]                                        # [n, size, size] in [-1, 1]
+    weight = (patterns.unsqueeze(1) + 1) / 2
+    colour_a, colour_b = torch.rand(2, n, 3, 1, 1, generator=gen).unbind(0)
+    images = colour_a * weight + colour_b * (1 - weight) + 0.05 * torch.randn(n, 3, size, size, generator=gen)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    classes = [f"{t}-p{p}" for t in ("hstripes", "vstripes", "checker", "rings", "crosshatch") for p in (4, 12)]
+    return ImageArray(images, labels, classes)
+
+
+def read_image(path):
+    """PIL loader that returns None for an unreadable file instead of raising."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError:
+        return None
+
+
+def keep_list(batch):
+    return batch
+
+
+def load_image_folder(root, in_memory_max_size, workers):
+    """torchvision ImageFolder; decoded once into an ImageArray when its images are small (CIFAR-sized)."""
+    try:
+        folder = torchvision.datasets.ImageFolder(root, loader=read_image)
+    except (FileNotFoundError, OSError) as error:
+        raise UserError(f"cannot read image folder {root}: {str(error).splitlines()[0]}") from None
+    if len(folder.classes) < 2:
+        raise UserError(f"image folder {root} has {len(folder.classes)} class folder(s); it needs at least 2 (DIR/<class>/*.jpg)")
+    first = next((image for image in map(read_image, (p for p, _ in folder.samples)) if image is not None), None)
+    if first is None:
+        raise UserError(f"no readable image in {root}")
+    if max(first.size) > in_memory_max_size:
+        return folder
+    folder.transform = v2.PILToTensor()
+    images, labels, skipped = [], [], 0
+    loader = torch.utils.data.DataLoader(folder, batch_size=512, num_workers=min(workers, 8), collate_fn=keep_list)
+    for batch in loader:
+        for image, label in batch:
+            if image is None or (images and image.shape != images[0].shape):
+                skipped += 1
+                continue
+            images.append(image)
+            labels.append(label)
+    if skipped:
+        warnings.warn(f"{root}: skipped {skipped} unreadable image(s) or image(s) of another size than {tuple(first.size)}")
+    return ImageArray(torch.stack(images), torch.tensor(labels), folder.classes)
+
+
+def load_split(cfg, train):
+    """The training split (train=True) or the evaluation split of cfg.dataset."""
+    root = Path(cfg.data)
+    if cfg.dataset == "synthetic":
+        return make_synthetic(train)
+    if cfg.dataset == "imagefolder":
+        split = root / "train" if train else next((root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
+        return load_image_folder(split, cfg.in_memory_max_size, cfg.workers)
+    try:
+        if cfg.dataset == "stl10":
+            ds = torchvision.datasets.STL10(root, split="train+unlabeled" if train else "test", download=cfg.download)
+            return ImageArray(torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long(), ds.classes)
+        cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(root, train=train, download=cfg.download)
+    except RuntimeError as error:
+        raise UserError(f"{cfg.dataset} not found in {root} ({str(error).splitlines()[0]}); "
+                        f"pass --download, or --data DIR pointing at an existing copy") from None
+    return ImageArray(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes)
+
+
+# =====================================================================================================
+# Multi-crop augmentation (BYOL/DINO recipe): 2 global crops, then cfg.local_crops local crops.
+# Two implementations of the same recipe: per image with torchvision (DataLoader workers) and per batch on
+# the training device with per-sample random parameters (no CPU bottleneck for in-memory datasets).
+# =====================================================================================================
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+JITTER_PROB, GRAY_PROB, FLIP_PROB, RATIO = 0.8, 0.2, 0.5, (3 / 4, 4 / 3)
+
+
+@dataclass
+class ViewSpec:
+    size: int
+    scale: tuple
+    blur_prob: float
+    solarize_prob: float
+
+
+def view_specs(cfg):
+    """The crops of one image in order: global 1 (blur), global 2 (some blur, solarisation), local crops."""
+    blur1, blur2, blur_local = cfg.blur_prob
+    return ([ViewSpec(cfg.global_size, tuple(cfg.global_scale), blur1, 0.0),
+             ViewSpec(cfg.global_size, tuple(cfg.global_scale), blur2, cfg.solarize_prob)]
+            + [ViewSpec(cfg.local_size, tuple(cfg.local_scale), blur_local, 0.0)] * cfg.local_crops)
+
+
+def blur_kernel_size(size):
+    """Odd Gaussian kernel of about 10% of the crop side (23 px at 224 px, 3 px at 32 px)."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def per_image_transform(spec):
+    """One view, one image at a time: PIL or uint8 tensor in, float [3, size, size] in [0, 1] out."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=RATIO, interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(FLIP_PROB),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomApply([v2.ColorJitter(**JITTER)], p=JITTER_PROB),
+        v2.RandomGrayscale(GRAY_PROB),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(spec.size), sigma=(0.1, 2.0))], p=spec.blur_prob),
+        v2.RandomSolarize(threshold=0.5, p=spec.solarize_prob),
+        v2.Lambda(lambda x: x.clamp(0, 1).as_subclass(torch.Tensor)),
+    ])
+
+
+class PerImageViews(torch.utils.data.Dataset):
+    """dataset[(index, seed)] -> (list of views, label, index). The seed makes each sample's augmentation a
+    pure function of (run seed, epoch, index): any number of workers and a mid-epoch resume give the same views."""
+
+    def __init__(self, dataset, specs):
+        self.dataset, self.transforms = dataset, [per_image_transform(s) for s in specs]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        image, label = self.dataset[index]
+        while image is None:  # unreadable file: warn and use the next image instead of crashing mid-epoch
+            warnings.warn(f"skipping unreadable image {self.dataset.samples[index][0]}")
+            index = (index + 1) % len(self.dataset)
+            image, label = self.dataset[index]
+        torch.manual_seed(seed)
+        return [t(image) for t in self.transforms], label, index
+
+
+def grayscale(x):
+    """ITU-R 601 luma, as torchvision: [B, 3, H, W] -> [B, 1, H, W]."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x, shift):
+    """Rotate the HSV hue of each image by shift[b] turns (torchvision's adjust_hue, batched)."""
+    value, _ = x.max(1, keepdim=True)
+    chroma = value - x.min(1, keepdim=True)[0]
+    r, g, b = x.unbind(1)
+    safe = chroma.squeeze(1).clamp_min(1e-12)
+    hue = torch.where(value.squeeze(1) == r, ((g - b) / safe) % 6,                 # hue in sextants [0, 6)
+                      torch.where(value.squeeze(1) == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = (hue + 6 * shift.view(-1, 1, 1)) % 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue.unsqueeze(1)) % 6
+    return value - chroma * torch.clamp(torch.minimum(k, 4 - k), 0, 1)     # HSV -> RGB, channel by channel
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Blur each image b with its own sigma[b] (separable kernel, reflect padding)."""
+    B, C, H, W = x.shape
+    offsets = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - kernel_size // 2
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma.view(-1, 1) ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, k]
+    x = F.pad(x.reshape(1, B * C, H, W), [kernel_size // 2] * 4, mode="reflect")
+    x = F.conv2d(x, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
+    x = F.conv2d(x, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
+    return x.view(B, C, H, W)
+
+
+def batch_view(images, spec, gen):
+    """One view of a whole batch: uint8 [B, 3, H, W] -> float [B, 3, size, size] in [0, 1], every image with
+    its own random crop, flip, jitter factors, grayscale, blur and solarisation. Differences from torchvision:
+    a crop that does not fit is clamped instead of re-drawn, and the jitter order is shared by the batch."""
+    B, _, H, W = images.shape
+    dev = images.device
+
+    def uniform(low, high, n=B):
+        return low + (high - low) * torch.rand(n, device=dev, generator=gen)
+
+    def chance(p):
+        return torch.rand(B, device=dev, generator=gen) < p
+
+    # RandomResizedCrop + horizontal flip as one affine resampling: output [-1, 1] -> crop window in the input.
+    area = uniform(*spec.scale) * H * W
+    aspect = torch.exp(uniform(math.log(RATIO[0]), math.log(RATIO[1])))
+    w = (area * aspect).sqrt().clamp(max=W)
+    h = (area / aspect).sqrt().clamp(max=H)
+    cx = w / 2 + uniform(0, 1) * (W - w)
+    cy = h / 2 + uniform(0, 1) * (H - h)
+    flip = torch.where(chance(FLIP_PROB), -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = flip * w / W, 2 * cx / W - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / H, 2 * cy / H - 1
+    grid = F.affine_grid(theta, [B, 3, spec.size, spec.size], align_corners=False)
+    x = F.grid_sample(images.float() / 255, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
+
+    # Colour jitter with probability JITTER_PROB (factor 1 / shift 0 means "not applied"), in a random order.
+    jitter = chance(JITTER_PROB)
+    factors = {name: torch.where(jitter, uniform(1 - s, 1 + s), 1.0).view(B, 1, 1, 1)
+               for name, s in JITTER.items() if name != "hue"}
+    hue = torch.where(jitter, uniform(-JITTER["hue"], JITTER["hue"]), 0.0)
+    for op in torch.randperm(4, device=dev, generator=gen).tolist():
+        if op == 0:
+            x = (x * factors["brightness"]).clamp(0, 1)
+        elif op == 1:
+            mean = grayscale(x).mean((1, 2, 3), keepdim=True)
+            x = (factors["contrast"] * x + (1 - factors["contrast"]) * mean).clamp(0, 1)
+        elif op == 2:
+            x = (factors["saturation"] * x + (1 - factors["saturation"]) * grayscale(x)).clamp(0, 1)
+        else:
+            x = adjust_hue(x, hue)
+    x = torch.where(chance(GRAY_PROB).view(B, 1, 1, 1), grayscale(x).expand_as(x), x)
+    if spec.blur_prob > 0:  # sigma ~ U(0.1, 2) where blurred; a tiny sigma is an exact identity kernel
+        sigma = torch.where(chance(spec.blur_prob), uniform(0.1, 2.0), 1e-3)
+        x = gaussian_blur(x, sigma, blur_kernel_size(spec.size))
+    if spec.solarize_prob > 0:
+        x = torch.where(chance(spec.solarize_prob).view(B, 1, 1, 1) & (x >= 0.5), 1 - x, x)
+    return x
+
+
+def batch_views(images, specs, seed):
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    return [batch_view(images, spec, gen) for spec in specs]
+
+
+# =====================================================================================================
+# Model: ResNet backbone -> projection MLP (l2-normalised) -> weight-normalised linear heads, one per C.
+# =====================================================================================================
+class SelfClassifier(nn.Module):
+    def __init__(self, arch="resnet18", small_stem=True, hidden_dim=4096, embed_dim=128, num_classes=(10,),
+                 pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
+        super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1))  # saved with the weights
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
+        self.backbone = getattr(torchvision.models, arch)(weights=None)
+        if small_stem:  # 32 px images: keep the resolution in the stem
+            self.backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.backbone.maxpool = nn.Identity()
+        self.feature_dim = self.backbone.fc.in_features
+        self.backbone.fc = nn.Identity()
+        self.projector = nn.Sequential(
+            nn.Linear(self.feature_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.LeakyReLU(inplace=True),
+            nn.Linear(hidden_dim, embed_dim))
+        for layer in self.projector:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.heads = nn.ModuleList()
+        for c in num_classes:
+            head = nn.utils.parametrizations.weight_norm(nn.Linear(embed_dim, c, bias=False))
+            head.parametrizations.weight.original0.data.fill_(1.0)  # weight-norm magnitude g starts at 1
+            self.heads.append(head)
+
+    def features(self, images):
+        """Backbone features [B, feature_dim] of float images in [0, 1]."""
+        return self.backbone((images - self.pixel_mean) / self.pixel_std)
+
+    def embed(self, features):
+        """Projection MLP, l2-normalised: [B, feature_dim] -> [B, embed_dim]."""
+        return F.normalize(self.projector(features), dim=1)
+
+    def classify(self, z):
+        """Logits of every head: [B, embed_dim] -> list of [B, C]."""
+        return [head(z) for head in self.heads]
+
+    def forward(self, views):
+        """views: list of [B, 3, h, w] -> (embeddings: list over views of [B, D],
+        logits: list over heads of list over views of [B, C]). The backbone runs once per crop resolution."""
+        embeddings, start = [], 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
+                end += 1
+            z = self.embed(self.features(torch.cat(views[start:end])))
+            embeddings += list(z.chunk(end - start))
+            start = end
+        per_view = [self.classify(z) for z in embeddings]
+        return embeddings, [list(head_logits) for head_logits in zip(*per_view)]
+
+
+def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
+    small_stem = cfg.stem == "cifar" or (cfg.stem == "auto" and cfg.global_size <= 64)
+    return SelfClassifier(cfg.arch, small_stem, cfg.hidden_dim, cfg.embed_dim, cfg.num_classes, pixel_mean, pixel_std)
+
+
+# =====================================================================================================
+# Loss (paper Eq. 4-5, Algorithm 1)
+# =====================================================================================================
+def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, num_global=2, eps=1e-8):
+    """Self-Classifier cross-entropy of one classification head over all views.
+
+    logits: list over views (global views first) of [B, C] logits s = head(z) of this rank's B images.
+    Under DDP they are all-gathered *with gradient* into [N, C], N = B x world size: both normalisations
+    below run over the global batch; each rank then keeps its own B rows, so the mean over ranks is the
+    global mean.
+
+        p(y|x)  = softmax_y(s / row_tau)                       "row softmax", over classes
+        p(x|y)  = softmax_x(s / col_tau)                       "column softmax", over the batch
+        target(x_i)[n, y]  = p(x_n|y) / sum_y' p(x_n|y')                 (Eq. 5, via Bayes: uniform p(y))
+        logpred(x_j)[n, y] = log( N/C * p(y|x_n) / sum_n' p(y|x_n') )   (Eq. 4: uniform prior on classes)
+        l(i, j) = -1/N sum_n sum_y target(x_i)[n, y] * logpred(x_j)[n, y]
+
+    Returns the mean of l(i, j) over ordered pairs (target view i, predicted view j), i != j, skipping pairs
+    where both views are local (index >= num_global); for two views this is (l(1,2) + l(2,1)) / 2. No
+    stop-gradient: the target is differentiated too. Computed in float32 even under autocast.
+    """
+    rows = slice(rank() * logits[0].shape[0], (rank() + 1) * logits[0].shape[0])
+    logits = [gather_with_grad(s.float()) for s in logits]
+    N, C = logits[0].shape
+    targets = [F.normalize(F.softmax(s / col_tau, dim=0), p=1, dim=1, eps=eps)[rows] for s in logits]
+    log_preds = [torch.log(N / C * F.normalize(F.softmax(s / row_tau, dim=1), p=1, dim=0, eps=eps) + eps)[rows]
+                 for s in logits]
+    pairs = [(i, j) for i in range(len(logits)) for j in range(len(logits))
+             if i != j and (i < num_global or j < num_global)]
+    return sum(-(targets[i] * log_preds[j]).sum(1).mean() for i, j in pairs) / len(pairs)
+
+
+# =====================================================================================================
+# Nearest-neighbour augmentation: view 1's embedding is replaced by its nearest neighbour among past ones.
+# =====================================================================================================
+class NeighbourQueue(nn.Module):
+    """FIFO queue of detached view-1 embeddings of past batches (all ranks), with their dataset indices (to
+    never return a sample as its own neighbour) and labels (only to monitor neighbour label agreement)."""
+
+    def __init__(self, length, dim):
+        super().__init__()
+        self.register_buffer("embeddings", torch.zeros(length, dim))
+        self.register_buffer("indices", torch.full((length,), -1, dtype=torch.long))
+        self.register_buffer("labels", torch.full((length,), -1, dtype=torch.long))
+        self.register_buffer("pushed", torch.zeros((), dtype=torch.long))
+
+    def is_full(self):
+        return int(self.pushed) >= len(self.embeddings)
+
+    @torch.no_grad()
+    def neighbours(self, z, index):
+        """Nearest queued embedding by dot product, excluding the sample itself: [B, D] -> ([B, D], labels [B])."""
+        top2 = (z.float() @ self.embeddings.T).topk(2, dim=1).indices
+        pick = torch.where(self.indices[top2[:, 0]] == index, top2[:, 1], top2[:, 0])
+        return self.embeddings[pick], self.labels[pick]
+
+    @torch.no_grad()
+    def push(self, z, index, labels):
+        z, index, labels = gather(z.float()), gather(index), gather(labels)
+        slots = (int(self.pushed) + torch.arange(len(z), device=z.device)) % len(self.embeddings)
+        self.embeddings[slots], self.indices[slots], self.labels[slots] = z, index, labels
+        self.pushed += len(z)
+
+
+# =====================================================================================================
+# LARS
+# =====================================================================================================
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio; reproduces apex LARC(SGD, trust_coefficient=0.001,
+    clip=False) as the authors ran it. For each parameter w with gradient g and non-zero norms:
+
+        local_lr = trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + eps)
+        d = (g + weight_decay * w) * local_lr;   buf = momentum * buf + d;   w -= lr * buf
+
+    A parameter or gradient of norm zero gets d = g (apex then applies no weight decay either). Groups with
+    lars=False (e.g. biases and norm parameters, DINO's choice) get plain SGD with momentum instead.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, eps=eps, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["lars"]:
+                    w_norm, g_norm = p.norm(), d.norm()
+                    local_lr = group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm + group["eps"])
+                    adapted = (d + group["weight_decay"] * p) * local_lr
+                    d = torch.where((w_norm > 0) & (g_norm > 0), adapted, d)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def build_optimizer(model, cfg):
+    """Param groups: 1-D parameters (biases, norm weights, weight-norm magnitudes) separately when excluded."""
+    decay = [p for p in model.parameters() if p.ndim > 1 or not cfg.lars_exclude_1d]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and cfg.lars_exclude_1d]
+    groups = [dict(params=decay)] + ([dict(params=no_decay, weight_decay=0.0, lars=False)] if no_decay else [])
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    for g in groups:
+        g.pop("lars", None)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+# =====================================================================================================
+# Schedule: linear warmup, then cosine decay, per iteration
+# =====================================================================================================
+def lr_at(step, total_steps, warmup_steps, peak_lr, warmup_lr, final_lr):
+    """Learning rate at optimizer step `step` (0-based) of `total_steps`."""
+    if step < warmup_steps:
+        return warmup_lr + (peak_lr - warmup_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
+    return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# =====================================================================================================
+# Distributed helpers: every collective is a no-op at world size 1, so CPU, one GPU and tests need no launcher.
+# =====================================================================================================
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_with_grad(x):
+    """All-gather along dim 0, differentiable (each rank's gradient flows back to the rank it came from)."""
+    if world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_nn
+    return torch.cat(dist_nn.all_gather(x))
+
+
+def gather(x):
+    """All-gather along dim 0 without gradient."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_sum(x):
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def setup_distributed(device_choice):
+    """Read RANK / WORLD_SIZE / LOCAL_RANK set by torchrun (none = one process); return the device."""
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is visible")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+# =====================================================================================================
+# Checkpoints: one file, written atomically; state dicts without DDP / torch.compile prefixes.
+# =====================================================================================================
+def save_checkpoint(path, state):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def strip_prefixes(state_dict):
+    """Remove 'module.' (DDP) and '_orig_mod.' (torch.compile) wherever they appear in the keys."""
+    return {k.replace("module.", "").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+
+
+MODEL_KEYS = ("arch", "stem", "global_size", "hidden_dim", "embed_dim", "num_classes")
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints onto the CPU, or raise UserError saying what is wrong with it."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or not a torch file
+        raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise UserError(f"{path} is not a Self-Classifier checkpoint (no 'model' and 'config' entries)")
+    return state
+
+
+def config_from_checkpoint(state, **overrides):
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{**{k: v for k, v in state["config"].items() if k in known}, **overrides})
+
+
+def model_from_checkpoint(state):
+    """Rebuild the model a checkpoint was trained with and load its weights."""
+    cfg = config_from_checkpoint(state)
+    model = build_model(cfg)
+    model.load_state_dict(strip_prefixes(state["model"]))
+    return model, cfg
+
+
+# =====================================================================================================
+# Evaluation: features and predicted classes of a whole split, no augmentation.
+# =====================================================================================================
+def eval_transform(size):
+    """Resize to size / 0.875 and centre-crop (the usual ImageNet evaluation), float [3, size, size] in [0, 1]."""
+    return v2.Compose([v2.ToImage(), v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True)])
+
+
+def eval_batches(dataset, size, batch_size, workers):
+    """Yield (float images [B, 3, size, size] in [0, 1], labels) over a split in order."""
+    if isinstance(dataset, ImageArray):
+        for start in range(0, len(dataset), batch_size):
+            images = dataset.images[start:start + batch_size].float() / 255
+            if images.shape[-1] != size:
+                images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            yield images, dataset.labels[start:start + batch_size]
+        return
+    views = PerImageViews(dataset, [])
+    views.transforms = [eval_transform(size)]
+    loader = torch.utils.data.DataLoader(views, batch_size=batch_size, num_workers=workers,
+                                         sampler=[(i, 0) for i in range(len(dataset))])
+    for (images,), labels, _ in loader:
+        yield images, labels
+
+
+@torch.no_grad()
+def extract(model, dataset, size, batch_size=512, workers=8, device="cpu"):
+    """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], predicted class
+    per head (list of [N]) and labels [N], all on the CPU."""
+    was_training = model.training
+    model.eval()
+    out = dict(backbone=[], embedding=[], predictions=[[] for _ in model.heads], labels=[])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    for images, labels in eval_batches(dataset, size, batch_size, workers):
+        with amp:
+            features = model.features(images.to(device, non_blocking=True))
+            z = model.embed(features)
+            logits = model.classify(z)
+        out["backbone"].append(features.float().cpu())
+        out["embedding"].append(z.float().cpu())
+        for head, s in enumerate(logits):
+            out["predictions"][head].append(s.argmax(1).cpu())
+        out["labels"].append(torch.as_tensor(labels))
+    model.train(was_training)
+    return dict(backbone=torch.cat(out["backbone"]), embedding=torch.cat(out["embedding"]),
+                predictions=[torch.cat(p) for p in out["predictions"]], labels=torch.cat(out["labels"]))
+
+
+# =====================================================================================================
+# Training
+# =====================================================================================================
+class Batches:
+    """One epoch of training batches for this rank: (views list, labels [B], indices [B]) on the device.
+
+    The order comes from DistributedSampler (seeded by run seed and epoch, one shard per rank), and each
+    batch's augmentation from a seed derived from (run seed, epoch, sample or step): an epoch can be resumed
+    from any step and gives the same batches."""
+
+    def __init__(self, dataset, cfg, specs, device, epoch, start_step, steps):
+        sampler = torch.utils.data.DistributedSampler(range(len(dataset)), num_replicas=world_size(), rank=rank(),
+                                                      shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))[:steps * cfg.batch_size].view(steps, cfg.batch_size)
+        self.order, self.start, self.steps, self.device, self.specs = order, start_step, steps, device, specs
+        self.seed = (cfg.seed, epoch, rank())
+        self.on_device = use_batch_aug(cfg, dataset)
+        if self.on_device:
+            self.images = dataset.images if dataset.images.device == device else dataset.images.to(device)
+            self.labels = dataset.labels.to(device)
+        else:
+            keys = [(int(i), derive_seed(cfg.seed, epoch, int(i))) for i in order[start_step:].flatten()]
+            self.loader = torch.utils.data.DataLoader(
+                PerImageViews(dataset, specs), batch_size=cfg.batch_size, sampler=keys, drop_last=True,
+                num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                prefetch_factor=4 if cfg.workers else None)
+
+    def __iter__(self):
+        if self.on_device:
+            for step in range(self.start, self.steps):
+                index = self.order[step].to(self.device, non_blocking=True)
+                views = batch_views(self.images[index], self.specs, derive_seed(*self.seed, step))
+                yield views, self.labels[index], index
+        else:
+            for views, labels, index in self.loader:
+                yield ([v.to(self.device, non_blocking=True) for v in views],
+                       labels.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+
+
+def derive_seed(*numbers):
+    return int(np.random.SeedSequence([int(n) % 2**32 for n in numbers]).generate_state(1)[0])
+
+
+def use_batch_aug(cfg, dataset):
+    in_memory = isinstance(dataset, ImageArray)
+    if cfg.batch_aug == "on" and not in_memory:
+        raise UserError("--batch-aug on needs an in-memory dataset (images decoded into memory, all of one size)")
+    return cfg.batch_aug == "on" or (cfg.batch_aug == "auto" and in_memory)
+
+
+class Monitor:
+    """Collapse monitors per head: predicted class counts of global view 1 over the epoch, summed over ranks."""
+
+    def __init__(self, num_classes, device):
+        self.counts = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
+        self.last_batch = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
+
+    def update(self, logits):
+        for head, s in enumerate(logits):
+            self.last_batch[head] = torch.bincount(s[0].argmax(1), minlength=s[0].shape[1])
+            self.counts[head] += self.last_batch[head]
+
+    def summary(self):
+        """{C: (classes used in the last batch, in the epoch so far, entropy of class sizes, ln C)}."""
+        out = {}
+        for batch, counts in zip(self.last_batch, self.counts):
+            batch, counts = all_reduce_sum(batch.clone()), all_reduce_sum(counts.clone())
+            p = counts.double() / counts.sum().clamp_min(1)
+            entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+            out[len(counts)] = (int((batch > 0).sum()), int((counts > 0).sum()), entropy, math.log(len(counts)))
+        return out
+
+
+def train(cfg):
+    device = setup_distributed(cfg.device)
+    is_main = rank() == 0
+    torch.manual_seed(cfg.seed + rank())
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "ckpt.pt"
+    log_file = open(out_dir / "log.jsonl", "a") if is_main else None
+
+    def log(record, line):
+        if is_main:
+            print(line, flush=True)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    # data
+    train_set, eval_set = load_split(cfg, train=True), load_split(cfg, train=False)
+    specs = view_specs(cfg)
+    global_batch = cfg.batch_size * world_size()
+    steps_per_epoch = len(train_set) // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images are fewer than one global batch of {global_batch}")
+    if cfg.batch_size < max(cfg.num_classes):
+        warnings.warn(f"per-GPU batch {cfg.batch_size} < largest head C={max(cfg.num_classes)}: the uniform prior "
+                      f"asks every class to be used by N/C samples of a batch, which needs many samples per class")
+    if isinstance(train_set, ImageArray):  # per-channel statistics of the training images
+        pixels = train_set.images[:10000].float() / 255
+        mean_std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
+    else:
+        mean_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+
+    # model, optimizer, queue
+    model = build_model(cfg, *mean_std).to(device)
+    if world_size() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    queue = NeighbourQueue(cfg.queue_len, cfg.embed_dim).to(device) if cfg.queue_len else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[
+        cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # resume
+    step = 0
+    resume_path = Path(cfg.resume) if cfg.resume else ckpt_path
+    if cfg.resume or ckpt_path.exists():
+        state = load_checkpoint(resume_path)
+        saved = state["config"]
+        changed = [k for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)]
+        if changed:
+            raise UserError(f"checkpoint {resume_path} was trained with " + ", ".join(f"{k}={saved.get(k)}" for k in changed)
+                            + "; this run asks for " + ", ".join(f"{k}={getattr(cfg, k)}" for k in changed)
+                            + " (use another --out-dir or the same settings)")
+        model.load_state_dict(strip_prefixes(state["model"]))
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if queue is not None and state.get("queue"):
+            queue.load_state_dict(state["queue"])
+        step = state["step"]
+        log(dict(event="resume", step=step), f"resumed from {resume_path} at step {step}")
+
+    raw_model = model
+    if cfg.compile:
+        model.backbone = torch.compile(model.backbone)
+    if world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    log(dict(event="config", config=dataclasses.asdict(cfg), world_size=world_size()),
+        f"config: {json.dumps(dataclasses.asdict(cfg))}\n{len(train_set)} training images, {steps_per_epoch} steps "
+        f"per epoch of {global_batch} images, {len(specs)} views, {world_size()} process(es) on {device}")
+
+    total_steps = cfg.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    saved_step, last_save_time = step, time.time()
+
+    def checkpoint():
+        nonlocal saved_step, last_save_time
+        check_losses()
+        if is_main:
+            save_checkpoint(ckpt_path, dict(model=strip_prefixes(raw_model.state_dict()), optimizer=optimizer.state_dict(),
+                                            scaler=scaler.state_dict(), queue=queue.state_dict() if queue else None,
+                                            step=step, config=dataclasses.asdict(cfg)))
+        saved_step, last_save_time = step, time.time()
+
+    pending_losses = []  # (step, loss tensor) not yet copied to the host: no sync per step
+
+    def check_losses():
+        values = torch.stack([l for _, l in pending_losses]).tolist() if pending_losses else []
+        for (s, _), value in zip(pending_losses, values):
+            if not math.isfinite(value):
+                raise UserError(f"loss is {value} at step {s}; stopping. {ckpt_path} (step {saved_step}) is left as it "
+                                "was: lower --lr, or use --precision bf16/fp32 instead of fp16")
+        pending_losses.clear()
+        return values
+
+    try:
+        while step < last_step:
+            epoch, start = divmod(step, steps_per_epoch)
+            monitor = Monitor(cfg.num_classes, device)
+            batches = iter(Batches(train_set, cfg, specs, device, epoch, start, steps_per_epoch))
+            t_interval, wait_time, images_seen, nn_agree = time.time(), 0.0, 0, []
+            while step < last_step and step // steps_per_epoch == epoch:
+                t0 = time.time()
+                views, labels, index = next(batches)
+                wait_time += time.time() - t0
+                lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.warmup_lr, cfg.final_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if device.type == "cuda":
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    embeddings, logits = model(views)
+                if queue is not None:  # nearest-neighbour augmentation of view 1 (no gradient to the backbone)
+                    if queue.is_full():
+                        neighbour, neighbour_label = queue.neighbours(embeddings[0], index)
+                        nn_agree.append((neighbour_label == labels)[labels >= 0].float().mean())
+                        for head_logits, s in zip(logits, raw_model.classify(neighbour)):
+                            head_logits[0] = s
+                    queue.push(embeddings[0].detach(), index, labels)
+                loss = sum(self_classifier_loss(s, cfg.row_tau, cfg.col_tau) for s in logits) / len(logits)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                monitor.update([[s.detach() for s in head] for head in logits])
+                pending_losses.append((step, loss.detach()))
+                step += 1
+                images_seen += global_batch
+
+                if step % cfg.log_every == 0 or step == last_step or step % steps_per_epoch == 0:
+                    losses = check_losses()
+                    elapsed = time.time() - t_interval
+                    heads = monitor.summary()
+                    record = dict(event="train", epoch=epoch, step=step, loss=sum(losses) / len(losses), lr=lr,
+                                  images_per_s=images_seen / elapsed, data_wait=wait_time / elapsed,
+                                  heads={c: dict(batch_classes=b, epoch_classes=e, entropy=h, log_c=lc) for c, (b, e, h, lc) in heads.items()})
+                    if nn_agree:
+                        record["nn_label_agreement"] = float(torch.stack(nn_agree).mean())
+                    log(record, f"epoch {epoch} step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.4g} "
+                                f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% | "
+                                + " ".join(f"C{c}: {e}/{c} used (batch {b}), H {h:.2f}/{lc:.2f}" for c, (b, e, h, lc) in heads.items())
+                                + (f" | NN same label {record['nn_label_agreement']:.2f}" if nn_agree else ""))
+                    t_interval, wait_time, images_seen, nn_agree = time.time(), 0.0, 0, []
+                if time.time() - last_save_time > 60 * cfg.save_every_min:
+                    checkpoint()
+
+            checkpoint()
+            epoch_done = step % steps_per_epoch == 0
+            if is_main and epoch_done and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and all(l >= 0 for l in eval_set.targets):
+                evaluate_heads(raw_model, eval_set, cfg, device, epoch, log)
+    except KeyboardInterrupt:
+        checkpoint()
+        log(dict(event="interrupted", step=step), f"interrupted: saved {ckpt_path} at step {step}")
+        raise SystemExit(130)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(specs)} views; "
+                        f"try a smaller --batch-size (or fewer --local-crops)") from None
+    finally:
+        if log_file:
+            log_file.close()
+    return raw_model
+
+
+def evaluate_heads(model, eval_set, cfg, device, epoch, log):
+    """NMI / ACC on the evaluation split of the head(s) whose C equals the number of true classes."""
+    result = extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device)
+    true_classes = len(eval_set.classes)
+    scores = {c: cluster_metrics(result["labels"].numpy(), pred.numpy())
+              for c, pred in zip(cfg.num_classes, result["predictions"]) if c == true_classes}
+    for c, m in scores.items():
+        log(dict(event="eval", epoch=epoch, head=c, **m),
+            f"epoch {epoch} eval head C{c}: NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
+    return scores
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        train(cfg)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
