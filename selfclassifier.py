@@ -194,7 +194,7 @@ class ImageArray(torch.utils.data.Dataset):
 
 
 def make_synthetic(train, size=32):
-    """A small offline dataset with 10 known classes: 5 textures x 2 scales, random colours, phase and noise.
+    """A small offline dataset with 10 known classes: 5 textures x 2 scales, random tints, phase and noise.
 
     Each class survives crops, flips, colour jitter and grayscale (it is defined by shape, not colour), so
     the method can find it; the pixels and labels depend only on the split.
@@ -216,8 +216,10 @@ def make_synthetic(train, size=32):
         torch.sin(freq * (xx + yy) / 1.4 + phase_x).abs() - torch.sin(freq * (xx - yy) / 1.4 + phase_y).abs(),  # cross-hatch
     ])[texture, torch.arange(n)]                                        # [n, size, size] in [-1, 1]
     weight = (patterns.unsqueeze(1) + 1) / 2
-    colour_a, colour_b = torch.rand(2, n, 3, 1, 1, generator=gen).unbind(0)
-    images = colour_a * weight + colour_b * (1 - weight) + 0.05 * torch.randn(n, 3, size, size, generator=gen)
+    # light and dark colours: a random tint of white and black, so that colour is no shortcut
+    light = 0.8 + 0.2 * torch.rand(n, 3, 1, 1, generator=gen)
+    dark = 0.2 * torch.rand(n, 3, 1, 1, generator=gen)
+    images = light * weight + dark * (1 - weight) + 0.05 * torch.randn(n, 3, size, size, generator=gen)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     classes = [f"{t}-p{p}" for t in ("hstripes", "vstripes", "checker", "rings", "crosshatch") for p in (4, 12)]
     return ImageArray(images, labels, classes)
@@ -837,6 +839,29 @@ class Monitor:
         return out
 
 
+def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue, cfg, dtype):
+    """One optimisation step on this rank's batch; returns (loss, logits per head per view, NN label agreement).
+    `model` may be DDP-wrapped; `raw_model` is the unwrapped SelfClassifier."""
+    if views[0].is_cuda:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    with torch.autocast(views[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        embeddings, logits = model(views)
+    agree = None
+    if queue is not None:  # nearest-neighbour augmentation of view 1 (no gradient to the backbone through it)
+        if queue.is_full():
+            neighbour, neighbour_label = queue.neighbours(embeddings[0], index)
+            agree = (neighbour_label == labels)[labels >= 0].float().mean()
+            for head_logits, s in zip(logits, raw_model.classify(neighbour)):
+                head_logits[0] = s
+        queue.push(embeddings[0].detach(), index, labels)
+    loss = sum(self_classifier_loss(s, cfg.row_tau, cfg.col_tau) for s in logits) / len(logits)  # mean over heads
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), logits, agree
+
+
 def train(cfg):
     device = setup_distributed(cfg.device)
     is_main = rank() == 0
@@ -946,22 +971,9 @@ def train(cfg):
                 lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.warmup_lr, cfg.final_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                if device.type == "cuda":
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    embeddings, logits = model(views)
-                if queue is not None:  # nearest-neighbour augmentation of view 1 (no gradient to the backbone)
-                    if queue.is_full():
-                        neighbour, neighbour_label = queue.neighbours(embeddings[0], index)
-                        nn_agree.append((neighbour_label == labels)[labels >= 0].float().mean())
-                        for head_logits, s in zip(logits, raw_model.classify(neighbour)):
-                            head_logits[0] = s
-                    queue.push(embeddings[0].detach(), index, labels)
-                loss = sum(self_classifier_loss(s, cfg.row_tau, cfg.col_tau) for s in logits) / len(logits)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                loss, logits, agree = train_step(model, raw_model, optimizer, scaler, views, labels, index, queue, cfg, dtype)
+                if agree is not None:
+                    nn_agree.append(agree)
                 monitor.update([[s.detach() for s in head] for head in logits])
                 pending_losses.append((step, loss.detach()))
                 step += 1
