@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -355,7 +356,7 @@ class PerImageViews(torch.utils.data.Dataset):
 
 def grayscale(x):
     """ITU-R 601 luma, as torchvision: [B, 3, H, W] -> [B, 1, H, W]."""
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
 def adjust_hue(x, shift):
@@ -521,7 +522,7 @@ def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, num_global=2, eps=1e
     stop-gradient: the target is differentiated too. Computed in float32 even under autocast.
     """
     rows = slice(rank() * logits[0].shape[0], (rank() + 1) * logits[0].shape[0])
-    logits = [gather_with_grad(s.float()) for s in logits]
+    logits = [gather_with_grad(s.to(torch.promote_types(s.dtype, torch.float32))) for s in logits]  # >= float32
     N, C = logits[0].shape
     targets = [F.normalize(F.softmax(s / col_tau, dim=0), p=1, dim=1, eps=eps)[rows] for s in logits]
     log_preds = [torch.log(N / C * F.normalize(F.softmax(s / row_tau, dim=1), p=1, dim=0, eps=eps) + eps)[rows]
@@ -656,6 +657,39 @@ def all_reduce_sum(x):
     if world_size() > 1:
         dist.all_reduce(x)
     return x
+
+
+class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch for CPU (gloo) runs, where nn.SyncBatchNorm is not available:
+    the per-channel sums are all-reduced with gradient, so forward and backward equal BatchNorm on the
+    concatenation of all ranks' batches."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        import torch.distributed.nn.functional as dist_nn
+        dims, shape = [d for d in range(x.dim()) if d != 1], [1, -1] + [1] * (x.dim() - 2)
+        count = x.numel() // x.shape[1] * world_size()
+        mean = dist_nn.all_reduce(x.sum(dims)) / count
+        var = dist_nn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count  # biased, as BatchNorm
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
+            self.num_batches_tracked += 1
+        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def sync_batchnorm(model, device):
+    """Every BatchNorm normalises over the global batch: nn.SyncBatchNorm on GPUs, CrossRankBatchNorm on the CPU."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type != "cuda":
+        for module in model.modules():
+            if isinstance(module, nn.SyncBatchNorm):
+                module.__class__ = CrossRankBatchNorm
+    return model
 
 
 def setup_distributed(device_choice):
@@ -896,7 +930,7 @@ def train(cfg):
     # model, optimizer, queue
     model = build_model(cfg, *mean_std).to(device)
     if world_size() > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
@@ -958,6 +992,12 @@ def train(cfg):
         pending_losses.clear()
         return values
 
+    interrupted = []  # Ctrl-C finishes the current step, saves a checkpoint, then exits
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+
+    def stop_requested():
+        return bool(all_reduce_sum(torch.tensor([float(bool(interrupted))], device=device)) > 0)
+
     try:
         while step < last_step:
             epoch, start = divmod(step, steps_per_epoch)
@@ -995,19 +1035,20 @@ def train(cfg):
                     t_interval, wait_time, images_seen, nn_agree = time.time(), 0.0, 0, []
                 if time.time() - last_save_time > 60 * cfg.save_every_min:
                     checkpoint()
+                if (world_size() == 1 or step % cfg.log_every == 0) and stop_requested():  # same step on all ranks
+                    checkpoint()
+                    log(dict(event="interrupted", step=step), f"interrupted: saved {ckpt_path} at step {step}")
+                    raise SystemExit(130)
 
             checkpoint()
             epoch_done = step % steps_per_epoch == 0
             if is_main and epoch_done and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and all(l >= 0 for l in eval_set.targets):
                 evaluate_heads(raw_model, eval_set, cfg, device, epoch, log)
-    except KeyboardInterrupt:
-        checkpoint()
-        log(dict(event="interrupted", step=step), f"interrupted: saved {ckpt_path} at step {step}")
-        raise SystemExit(130)
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(specs)} views; "
                         f"try a smaller --batch-size (or fewer --local-crops)") from None
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         if log_file:
             log_file.close()
     return raw_model

@@ -1,0 +1,735 @@
+"""Tests for selfclassifier.py and eval_clustering.py; CPU only, torch/numpy/scipy/pytest only.
+
+    python -m pytest -q test_selfclassifier.py
+"""
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+import eval_clustering as ec
+import selfclassifier as sc
+
+torch.set_num_threads(2)
+HERE = Path(__file__).resolve().parent
+# a small, fast configuration on the synthetic dataset, used by the training tests
+TINY = ["--dataset", "synthetic", "--stem", "imagenet", "--global-size", "16", "--local-crops", "1", "--local-size", "8",
+        "--hidden-dim", "64", "--batch-size", "64", "--num-classes", "10", "12", "--epochs", "2", "--warmup-epochs", "1",
+        "--lr", "0.5", "--eval-every", "0", "--log-every", "10", "--queue-len", "256"]
+
+
+def tiny(tmp_path, *extra):
+    return sc.parse_config(TINY + ["--out-dir", str(tmp_path)] + list(extra))
+
+
+# =====================================================================================================
+# 1. Config and command line
+# =====================================================================================================
+@pytest.mark.parametrize("flags, message", [
+    (["--row-tau", "0"], "must be > 0"),
+    (["--col-tau", "-1"], "must be > 0"),
+    (["--num-classes", "10", "1"], "at least 2 classes"),
+    (["--num-classes"], "expected at least one argument"),
+    (["--local-crops", "-1"], "must be >= 0"),
+    (["--global-scale", "0.9", "0.2"], "must not exceed"),
+    (["--blur-prob", "1.5", "0", "0"], "probability"),
+    (["--dataset", "mnist"], "invalid choice"),
+])
+def test_parser_refuses_nonsense_flags(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sc.parse_config(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_config_field_is_a_flag_with_help():
+    parser = sc.config_parser()
+    flags = {a.dest: a for a in parser._actions}
+    for field in sc.dataclasses.fields(sc.Config):
+        assert field.name in flags and flags[field.name].help
+    cfg = sc.parse_config(["--num-classes", "1000", "2000", "--no-lars-exclude-1d", "--global-scale", "0.4", "1"])
+    assert cfg.num_classes == [1000, 2000] and cfg.global_scale == [0.4, 1.0] and cfg.lars_exclude_1d is False
+
+
+# =====================================================================================================
+# 2. Data
+# =====================================================================================================
+def test_synthetic_is_deterministic_balanced_and_labelled():
+    a, b = sc.make_synthetic(True), sc.make_synthetic(True)
+    assert torch.equal(a.images, b.images) and a.images.dtype == torch.uint8 and a.images.shape[1:] == (3, 32, 32)
+    assert torch.bincount(a.labels).tolist() == [200] * 10
+    assert not torch.equal(sc.make_synthetic(False).images[:10], a.images[:10])
+
+
+def write_folder(root, classes=("a", "b"), per_class=3, size=8, broken=0):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+        for i in range(broken):
+            (root / split / classes[0] / f"broken{i}.jpg").write_bytes(b"not an image")
+
+
+def test_small_imagefolder_is_decoded_into_memory_and_skips_unreadable_files(tmp_path):
+    write_folder(tmp_path, broken=2)
+    cfg = sc.parse_config(["--dataset", "imagefolder", "--data", str(tmp_path), "--workers", "0"])
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        train = sc.load_split(cfg, train=True)
+    assert isinstance(train, sc.ImageArray) and train.images.shape == (6, 3, 8, 8)
+    assert train.classes == ["a", "b"] and train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.warns(UserWarning):
+        assert len(sc.load_split(cfg, train=False)) == 6  # falls back to val/ when there is no test/
+
+
+def test_large_imagefolder_is_read_per_image_and_survives_unreadable_files(tmp_path):
+    write_folder(tmp_path, size=40, broken=1)
+    cfg = sc.parse_config(["--dataset", "imagefolder", "--data", str(tmp_path), "--in-memory-max-size", "32",
+                           "--global-size", "16", "--local-crops", "2", "--local-size", "8"])
+    folder = sc.load_split(cfg, train=True)
+    assert not isinstance(folder, sc.ImageArray)
+    views_dataset = sc.PerImageViews(folder, sc.view_specs(cfg))
+    broken = next(i for i, (p, _) in enumerate(folder.samples) if "broken" in p)
+    with pytest.warns(UserWarning, match="unreadable"):
+        views, label, index = views_dataset[(broken, 0)]
+    assert [v.shape for v in views] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2 and index != broken
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, "cannot read image folder"),
+    (lambda root: (root / "train").mkdir(parents=True), "cannot read image folder"),
+    (lambda root: write_folder(root, classes=("only",)), "at least 2"),
+])
+def test_bad_imagefolder_gives_one_line_error(tmp_path, make, message):
+    make(tmp_path)
+    cfg = sc.parse_config(["--dataset", "imagefolder", "--data", str(tmp_path)])
+    with pytest.raises(sc.UserError, match=message) as error:
+        sc.load_split(cfg, train=True)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_cifar_says_how_to_get_it(tmp_path):
+    with pytest.raises(sc.UserError, match="--download"):
+        sc.load_split(sc.parse_config(["--data", str(tmp_path)]), train=True)
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / "selfclassifier.py"), "--dataset", "imagefolder", "--data",
+                             str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: cannot read image folder") and "Traceback" not in result.stderr
+
+
+# =====================================================================================================
+# 3. Multi-crop augmentation
+# =====================================================================================================
+def test_view_specs_follow_the_paper_recipe():
+    cfg = sc.parse_config(["--local-crops", "6", "--global-size", "224", "--local-size", "96", "--blur-prob", "1", "0.1", "0.5"])
+    specs = sc.view_specs(cfg)
+    assert [s.size for s in specs] == [224, 224] + [96] * 6
+    assert [s.blur_prob for s in specs] == [1.0, 0.1] + [0.5] * 6
+    assert [s.solarize_prob for s in specs] == [0.0, 0.2] + [0.0] * 6
+
+
+def test_batch_views_shapes_range_determinism_and_per_sample_randomness():
+    specs = sc.view_specs(sc.parse_config(["--blur-prob", "0.5", "0.5", "0.5"]))
+    images = sc.make_synthetic(False).images[:1].repeat(64, 1, 1, 1)  # the same image 64 times
+    views = sc.batch_views(images, specs, seed=3)
+    assert [tuple(v.shape) for v in views] == [(64, 3, 32, 32)] * 2 + [(64, 3, 16, 16)] * 4
+    assert all(v.min() >= 0 and v.max() <= 1 for v in views)
+    assert all(torch.equal(a, b) for a, b in zip(views, sc.batch_views(images, specs, seed=3)))
+    assert not torch.equal(views[0], sc.batch_views(images, specs, seed=4)[0])
+    distinct = torch.unique(views[0].flatten(1), dim=0)
+    assert len(distinct) == 64  # every copy of the image got its own crop / colour parameters
+
+
+def test_batch_view_without_randomness_is_the_identity():
+    spec = sc.ViewSpec(size=32, scale=(1.0, 1.0), blur_prob=0.0, solarize_prob=0.0)
+    images = sc.make_synthetic(False).images[:8]
+    old = sc.JITTER_PROB, sc.GRAY_PROB, sc.FLIP_PROB, sc.RATIO
+    sc.JITTER_PROB, sc.GRAY_PROB, sc.FLIP_PROB, sc.RATIO = 0.0, 0.0, 0.0, (1.0, 1.0)
+    try:
+        view = sc.batch_view(images, spec, torch.Generator().manual_seed(0))
+    finally:
+        sc.JITTER_PROB, sc.GRAY_PROB, sc.FLIP_PROB, sc.RATIO = old
+    torch.testing.assert_close(view, images.float() / 255, atol=1e-5, rtol=0)
+
+
+def test_batched_colour_ops_match_torchvision_per_image():
+    x = torch.rand(6, 3, 9, 9)
+    shifts = torch.tensor([-0.1, -0.05, 0.0, 0.03, 0.1, 0.5])
+    ours = sc.adjust_hue(x, shifts)
+    for b in range(6):
+        torch.testing.assert_close(ours[b], TF.adjust_hue(x[b], float(shifts[b])), atol=2e-5, rtol=0)
+    sigmas = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 0.7])
+    blurred = sc.gaussian_blur(x, sigmas, 5)
+    for b in range(6):
+        torch.testing.assert_close(blurred[b], TF.gaussian_blur(x[b], [5, 5], [float(sigmas[b])] * 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sc.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+
+
+def test_per_image_and_batch_augmentation_agree_in_distribution():
+    """Two implementations of one recipe: mean and spread of the pixels of many views agree."""
+    specs = sc.view_specs(sc.parse_config([]))[:2]
+    images = sc.make_synthetic(False).images[:256]
+    batch = sc.batch_views(images, specs, seed=0)[1]
+    per_image = sc.PerImageViews(sc.ImageArray(images, torch.zeros(256, dtype=torch.long), ["x"]), specs)
+    singles = torch.stack([per_image[(i, i)][0][1] for i in range(256)])
+    assert abs(batch.mean() - singles.mean()) < 0.03 and abs(batch.std() - singles.std()) < 0.03
+
+
+# =====================================================================================================
+# 4. Model
+# =====================================================================================================
+def test_model_shapes_stem_heads_and_one_backbone_call_per_resolution():
+    model = sc.build_model(sc.parse_config(["--hidden-dim", "32", "--num-classes", "10", "20"]))
+    assert isinstance(model.backbone.maxpool, torch.nn.Identity) and model.backbone.conv1.stride == (1, 1)
+    calls = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    views = [torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32), torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)]
+    embeddings, logits = model(views)
+    assert calls == [8, 8]
+    assert [tuple(z.shape) for z in embeddings] == [(4, 128)] * 4
+    torch.testing.assert_close(torch.stack(embeddings).norm(dim=-1), torch.ones(4, 4))
+    assert [[tuple(s.shape) for s in head] for head in logits] == [[(4, 10)] * 4, [(4, 20)] * 4]
+    for head in model.heads:  # weight-normalised, no bias, magnitude g = 1 so logits are cosines
+        assert head.bias is None and torch.all(head.parametrizations.weight.original0 == 1)
+        torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(head.out_features))
+    assert sc.build_model(sc.parse_config(["--global-size", "224"])).backbone.conv1.stride == (2, 2)
+
+
+# =====================================================================================================
+# 5. Loss
+# =====================================================================================================
+def reference_loss(logits, row_tau, col_tau, num_global, eps=1e-8):
+    """An independent reading of the paper's Algorithm 1 and the authors' code, in float64 with explicit loops.
+    The L1 normalisations divide by max(sum, eps), as torch.nn.functional.normalize in the authors' code does."""
+    logits = [s.double() for s in logits]
+    N, C = logits[0].shape
+    total, pairs = 0.0, 0
+    for i, j in itertools.product(range(len(logits)), repeat=2):
+        if i == j or (i >= num_global and j >= num_global):
+            continue
+        p_x_given_y = torch.exp(logits[i] / col_tau) / torch.exp(logits[i] / col_tau).sum(0, keepdim=True)
+        target = p_x_given_y / p_x_given_y.sum(1, keepdim=True).clamp_min(eps)
+        p_y_given_x = torch.exp(logits[j] / row_tau) / torch.exp(logits[j] / row_tau).sum(1, keepdim=True)
+        log_pred = torch.log(N / C * p_y_given_x / p_y_given_x.sum(0, keepdim=True).clamp_min(eps) + eps)
+        total = total - (target * log_pred).sum() / N
+        pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("num_views", [2, 3, 8])
+def test_loss_matches_an_independent_reading_of_the_paper(num_views):
+    torch.manual_seed(num_views)
+    logits = [torch.randn(32, 10) * 3 for _ in range(num_views)]
+    expected = reference_loss(logits, 0.1, 0.05, 2)
+    torch.testing.assert_close(sc.self_classifier_loss(logits, 0.1, 0.05, 2).double(), expected, rtol=1e-5, atol=1e-6)
+    if num_views == 2:  # the popular "PyTorch version" that normalises along dim=-1 everywhere is not this loss
+        wrong = -(F.softmax(logits[1] / 0.05, -1) * F.log_softmax(logits[0] / 0.1, -1)).sum(1).mean()
+        assert abs(float(wrong) - float(expected)) > 1e-2
+
+
+def test_loss_skips_local_local_pairs_and_uses_all_others():
+    torch.manual_seed(0)
+    logits = [torch.randn(16, 5) for _ in range(4)]
+    pairs = [(0, 1), (1, 0), (0, 2), (2, 0), (0, 3), (3, 0), (1, 2), (2, 1), (1, 3), (3, 1)]
+    expected = sum(reference_loss([logits[i], logits[j]], 0.1, 0.05, 2) for i, j in pairs) / len(pairs)
+    torch.testing.assert_close(sc.self_classifier_loss(logits).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_gradient_reaches_every_view_including_the_target():
+    logits = [torch.randn(16, 5, requires_grad=True) for _ in range(4)]
+    sc.self_classifier_loss(logits).backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in logits)
+    # no stop-gradient: a view used only as a target (pair (0 -> 1) alone) still gets a gradient
+    a, b = torch.randn(16, 5, requires_grad=True), torch.randn(16, 5, requires_grad=True)
+    targets_only = F.normalize(F.softmax(a / 0.05, dim=0), p=1, dim=1)
+    (-(targets_only * torch.log(16 / 5 * F.normalize(F.softmax(b.detach() / 0.1, 1), p=1, dim=0))).sum(1).mean()).backward()
+    assert a.grad.abs().sum() > 0
+
+
+def test_loss_is_float32_under_autocast_and_prefers_uniform_class_use():
+    logits = [torch.randn(64, 8).bfloat16() for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sc.self_classifier_loss(logits).dtype == torch.float32
+    # collapse (every sample -> class 0, in both views) scores worse than a consistent balanced assignment
+    balanced = F.one_hot(torch.arange(64) % 8, 8).float() * 10
+    collapsed = F.one_hot(torch.zeros(64, dtype=torch.long), 8).float() * 10
+    assert sc.self_classifier_loss([balanced, balanced]) < sc.self_classifier_loss([collapsed, collapsed]) - 1
+
+
+# =====================================================================================================
+# 6. Nearest-neighbour queue
+# =====================================================================================================
+def test_queue_is_fifo_and_never_returns_the_sample_itself():
+    queue = sc.NeighbourQueue(length=6, dim=2)
+    angles = torch.linspace(0, math.pi / 2, 8)
+    points = torch.stack([angles.cos(), angles.sin()], 1)
+    queue.push(points[:4], torch.arange(4), torch.arange(4) + 100)
+    assert not queue.is_full()
+    queue.push(points[4:], torch.arange(4, 8), torch.arange(4, 8) + 100)
+    assert queue.is_full() and sorted(queue.indices.tolist()) == [2, 3, 4, 5, 6, 7]  # 0 and 1 were overwritten
+    neighbour, label = queue.neighbours(points[[3, 7]], torch.tensor([3, 7]))
+    assert label.tolist() == [102, 106] or label.tolist() == [104, 106]
+    assert 103 not in label.tolist() and 107 not in label.tolist()
+    torch.testing.assert_close(neighbour[1], points[6])
+
+
+# =====================================================================================================
+# 7. LARS
+# =====================================================================================================
+def apex_larc_sgd(params, grads, lr, momentum, wd, steps, trust=0.001, eps=1e-8):
+    """Reference: apex LARC(clip=False) around torch SGD, re-derived step by step in float64."""
+    params, bufs = [p.double().clone() for p in params], [None] * len(params)
+    for g_list in grads[:steps]:
+        for k, (p, g) in enumerate(zip(params, g_list)):
+            g = g.double().clone()
+            if p.norm() != 0 and g.norm() != 0:
+                g = (g + wd * p) * (trust * p.norm() / (g.norm() + p.norm() * wd + eps))
+            bufs[k] = g.clone() if bufs[k] is None else momentum * bufs[k] + g
+            params[k] = p - lr * bufs[k]
+    return params
+
+
+def test_lars_reproduces_apex_larc_without_clipping():
+    torch.manual_seed(0)
+    start = [torch.randn(5, 4), torch.randn(4), torch.zeros(3)]  # a zero parameter gets plain SGD
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    params = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = sc.LARS(params, lr=0.7, momentum=0.9, weight_decay=1e-2)
+    for g_list in grads:
+        for p, g in zip(params, g_list):
+            p.grad = g.clone()
+        opt.step()
+    for ours, ref in zip(params, apex_larc_sgd(start, grads, 0.7, 0.9, 1e-2, 3)):
+        torch.testing.assert_close(ours.detach().double(), ref, rtol=1e-5, atol=1e-7)
+    assert torch.equal(params[0].grad, grads[-1][0])  # the optimizer does not modify .grad
+
+
+def test_lars_exclude_1d_gives_biases_and_norms_plain_sgd_without_decay():
+    model = sc.build_model(sc.parse_config(["--hidden-dim", "16", "--lars-exclude-1d", "--weight-decay", "0.1"]))
+    opt = sc.build_optimizer(model, sc.parse_config(["--lars-exclude-1d", "--weight-decay", "0.1"]))
+    adapted, plain = opt.param_groups
+    assert all(p.ndim > 1 for p in adapted["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert plain["lars"] is False and plain["weight_decay"] == 0
+    bias = torch.nn.Parameter(torch.ones(3))
+    bias.grad = torch.full((3,), 2.0)
+    sgd_like = sc.LARS([dict(params=[bias], lars=False, weight_decay=0.0)], lr=0.1)
+    sgd_like.step()
+    torch.testing.assert_close(bias.detach(), torch.full((3,), 0.8))
+    assert isinstance(sc.build_optimizer(model, sc.parse_config(["--optimizer", "sgd"])), torch.optim.SGD)
+
+
+# =====================================================================================================
+# 8. Schedule
+# =====================================================================================================
+def test_schedule_warms_up_linearly_then_follows_a_cosine():
+    lrs = [sc.lr_at(s, 100, 10, 2.0, 0.2, 0.002) for s in range(100)]
+    assert lrs[0] == 0.2 and math.isclose(lrs[5], 1.1) and lrs[10] == 2.0 and math.isclose(lrs[99], 0.002)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    mid = 10 + (99 - 10) / 2
+    assert math.isclose(sc.lr_at(mid, 100, 10, 2.0, 0.2, 0.002), (2.0 + 0.002) / 2)
+
+
+# =====================================================================================================
+# 9-12. Training loop, logging, checkpoints, failure handling
+# =====================================================================================================
+LEARN = ["--dataset", "synthetic", "--stem", "imagenet", "--epochs", "8", "--batch-size", "128", "--hidden-dim", "512",
+         "--num-classes", "10", "20", "--warmup-epochs", "1", "--local-crops", "0", "--lr", "1.0", "--log-every", "15"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The README's CPU smoke run, trained once for the tests that need a real checkpoint."""
+    out = tmp_path_factory.mktemp("synthetic")
+    sc.train(sc.parse_config(LEARN + ["--out-dir", str(out)]))
+    return out
+
+
+def test_cpu_run_on_synthetic_data_learns_the_classes(trained):
+    records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert len(evals) == 8 and all(r["head"] == 10 for r in evals)
+    assert evals[-1]["acc"] > 0.6 and evals[-1]["nmi"] > 0.6, evals[-1]  # chance: ACC 0.1, NMI 0
+    train_lines = [r for r in records if r["event"] == "train"]
+    last = train_lines[-1]
+    assert set(last["heads"]) == {"10", "20"} and last["heads"]["10"]["epoch_classes"] == 10
+    assert last["heads"]["10"]["entropy"] > 0.8 * math.log(10) and 0 <= last["data_wait"] < 1
+    assert last["loss"] < train_lines[0]["loss"]
+
+
+def test_checkpoint_holds_everything_and_loads_with_prefixes(trained):
+    state = torch.load(trained / "ckpt.pt", weights_only=False)
+    assert {"model", "optimizer", "scaler", "queue", "step", "config"} <= set(state)
+    assert state["step"] == 8 * 15 and state["config"]["num_classes"] == [10, 20]
+    prefixed = {"module._orig_mod." + k: v for k, v in state["model"].items()}
+    model, cfg = sc.model_from_checkpoint(dict(state, model=prefixed))
+    assert cfg.hidden_dim == 512 and not (trained / "ckpt.pt.tmp").exists()
+
+
+def test_small_batch_warns_why(tmp_path):
+    with pytest.warns(UserWarning, match="uniform prior"):
+        sc.train(tiny(tmp_path, "--batch-size", "8", "--num-classes", "10", "20", "--max-steps", "1", "--queue-len", "0"))
+
+
+def test_resume_is_exact_even_from_the_middle_of_an_epoch(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    sc.train(tiny(straight, "--max-steps", "40"))      # 31 steps per epoch: epoch 0 and 9 steps of epoch 1
+    sc.train(tiny(stopped, "--max-steps", "20"))       # stop in the middle of epoch 0 ...
+    sc.train(tiny(stopped, "--max-steps", "40"))       # ... and resume from out_dir/ckpt.pt
+    a, b = (torch.load(d / "ckpt.pt", weights_only=False) for d in (straight, stopped))
+    assert a["step"] == b["step"] == 40
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["queue"]:
+        assert torch.equal(a["queue"][key], b["queue"][key]), key
+    for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(s1["momentum_buffer"], s2["momentum_buffer"])
+    assert any('"event": "resume"' in line for line in (stopped / "log.jsonl").read_text().splitlines())
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    sc.train(tiny(tmp_path, "--max-steps", "1"))
+    with pytest.raises(sc.UserError, match="num_classes=\\[10, 12\\].*num_classes=\\[10\\]"):
+        sc.train(tiny(tmp_path, "--max-steps", "2", "--num-classes", "10"))
+    with pytest.raises(sc.UserError, match="arch=resnet18.*arch=resnet34"):
+        sc.train(tiny(tmp_path, "--max-steps", "2", "--arch", "resnet34"))
+
+
+@pytest.mark.parametrize("content, message", [(b"", "cannot read"), (None, "cannot read"), (b"{}", "cannot read")])
+def test_truncated_or_foreign_checkpoint_gives_one_line_error(tmp_path, content, message):
+    path = tmp_path / "ckpt.pt"
+    if content is None:  # a real checkpoint cut in half
+        sc.save_checkpoint(path, dict(model=torch.nn.Linear(200, 200).state_dict(), config={}))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(sc.UserError, match=message):
+        sc.load_checkpoint(path)
+    torch.save({"weights": 1}, path)
+    with pytest.raises(sc.UserError, match="not a Self-Classifier checkpoint"):
+        sc.load_checkpoint(path)
+    with pytest.raises(sc.UserError, match="does not exist"):
+        sc.load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = sc.self_classifier_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 2 * 40 else loss  # 2 heads per step: step 40 goes bad
+
+    monkeypatch.setattr(sc, "self_classifier_loss", poisoned)
+    with pytest.raises(sc.UserError, match="loss is nan at step 40"):
+        sc.train(tiny(tmp_path))
+    state = sc.load_checkpoint(tmp_path / "ckpt.pt")
+    assert state["step"] == 31 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, monkeypatch):
+    real_step, calls = sc.train_step, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT arriving in the middle of step 5
+        return real_step(*args)
+
+    monkeypatch.setattr(sc, "train_step", interrupting)
+    with pytest.raises(SystemExit) as exit_info:
+        sc.train(tiny(tmp_path))
+    assert exit_info.value.code == 130 and sc.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(sc, "train_step", out_of_memory)
+    with pytest.raises(sc.UserError, match="smaller --batch-size"):
+        sc.train(tiny(tmp_path))
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    sc.save_checkpoint(path, dict(model={"w": torch.arange(5.0)}, config={}, step=7))
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); import selfclassifier as sc; "
+        "sc.save_checkpoint(sys.argv[1], dict(model={'w': torch.zeros(400_000_000, dtype=torch.uint8)}, config={}, step=8))"),
+        str(path), str(HERE)])
+    tmp = tmp_path / "ckpt.pt.tmp"
+    deadline = time.time() + 60
+    while not (tmp.exists() and tmp.stat().st_size > 0) and time.time() < deadline and writer.poll() is None:
+        time.sleep(0.01)
+    writer.kill()  # SIGKILL in the middle of the write
+    writer.wait()
+    assert tmp.exists(), "the writer finished before it could be killed"
+    state = sc.load_checkpoint(path)
+    assert state["step"] == 7 and torch.equal(state["model"]["w"], torch.arange(5.0))
+
+
+# =====================================================================================================
+# Distributed equivalence: two gloo processes == one process on the concatenated batch
+# =====================================================================================================
+def ddp_step(rank, world, init_file, out_file, mutant):
+    """One training step on rank `rank` of `world` (world 1 = the reference on the whole batch), in float64:
+    BatchNorm over 8 tiny images is ill-conditioned enough that float32 rounding differs by ~1% between the two
+    summation orders, which would hide real mistakes behind a loose tolerance."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        if mutant == "gather_without_grad":  # the usual mistake: other ranks' logits as constants
+            def gather_keeping_only_local_grad(x):
+                parts = list(sc.gather(x.detach()).chunk(world))
+                parts[rank] = x
+                return torch.cat(parts)
+            sc.gather_with_grad = gather_keeping_only_local_grad
+        elif mutant == "local_batch_normalisation":
+            sc.gather_with_grad, sc.rank = (lambda x: x), (lambda: 0)
+        elif mutant == "wrong_target_rows":  # every rank keeps rank 0's rows of the global target
+            sc.rank = lambda: 0
+    cfg = sc.parse_config(["--hidden-dim", "32", "--num-classes", "4", "6", "--global-size", "16", "--local-crops", "1",
+                           "--local-size", "8", "--stem", "imagenet", "--lr", "0.5"])
+    torch.manual_seed(0)
+    model = sc.build_model(cfg)
+    views = [torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(v)) for v in range(2)]
+    views.append(torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(2)))
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    raw = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(sc.sync_batchnorm(model, torch.device("cpu")))
+        raw = model.module
+    optimizer = sc.build_optimizer(raw, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    index = torch.arange(8)[rows]
+    loss, _, _ = sc.train_step(model, raw, optimizer, scaler, [v[rows] for v in views], index, index, None, cfg, None)
+    loss = sc.all_reduce_sum(loss.clone()) / world
+    if rank == 0:
+        torch.save(dict(loss=loss, grads={n: p.grad for n, p in raw.named_parameters()},
+                        params={n: p.detach() for n, p in raw.named_parameters()}), out_file)
+    if world > 1:
+        dist.destroy_process_group()
+    torch.set_default_dtype(default_dtype)
+
+
+def run_ddp(tmp_path, mutant):
+    out = tmp_path / f"{mutant}.pt"
+    torch.multiprocessing.spawn(ddp_step, args=(2, str(tmp_path / f"init-{mutant}"), str(out), mutant), nprocs=2)
+    return torch.load(out, weights_only=False)
+
+
+def ddp_matches(reference, result):
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    return (close(reference["loss"], result["loss"])
+            and all(close(reference["grads"][n], result["grads"][n]) for n in reference["grads"])
+            and all(close(reference["params"][n], result["params"][n]) for n in reference["params"]))
+
+
+def test_two_process_ddp_step_equals_one_process_on_the_whole_batch(tmp_path):
+    ddp_step(0, 1, None, str(tmp_path / "single.pt"), None)
+    reference = torch.load(tmp_path / "single.pt", weights_only=False)
+    assert ddp_matches(reference, run_ddp(tmp_path, "none"))
+    # the comparison is sharp enough to catch each classic mistake
+    for mutant in ("gather_without_grad", "local_batch_normalisation", "wrong_target_rows"):
+        assert not ddp_matches(reference, run_ddp(tmp_path, mutant)), mutant
+
+
+# =====================================================================================================
+# eval_clustering: metrics
+# =====================================================================================================
+def brute_force_scores(y_true, y_pred):
+    """NMI, AMI, ARI from their textbook definitions with Python loops and exact binomials."""
+    n = len(y_true)
+    classes, clusters = sorted(set(y_true)), sorted(set(y_pred))
+    count = {(c, k): sum(1 for t, p in zip(y_true, y_pred) if t == c and p == k) for c in classes for k in clusters}
+    a = {c: sum(count[c, k] for k in clusters) for c in classes}
+    b = {k: sum(count[c, k] for c in classes) for k in clusters}
+    H = lambda sizes: -sum(s / n * math.log(s / n) for s in sizes if s)
+    mi = sum(v / n * math.log(n * v / (a[c] * b[k])) for (c, k), v in count.items() if v)
+    emi = 0.0
+    for c in classes:
+        for k in clusters:
+            for nij in range(max(1, a[c] + b[k] - n), min(a[c], b[k]) + 1):
+                p = math.comb(a[c], nij) * math.comb(n - a[c], b[k] - nij) / math.comb(n, b[k])
+                emi += p * nij / n * math.log(n * nij / (a[c] * b[k]))
+    h_mean = (H(a.values()) + H(b.values())) / 2
+    pairs = lambda sizes: sum(math.comb(s, 2) for s in sizes)
+    index, expected = pairs(count.values()), pairs(a.values()) * pairs(b.values()) / math.comb(n, 2)
+    ari = (index - expected) / ((pairs(a.values()) + pairs(b.values())) / 2 - expected)
+    return dict(nmi=mi / h_mean, ami=(mi - emi) / (h_mean - emi), ari=ari)
+
+
+def test_metrics_match_textbook_definitions_on_random_labelings():
+    rng = np.random.default_rng(0)
+    for trial in range(25):
+        n = int(rng.integers(5, 60))
+        y_true, y_pred = rng.integers(0, rng.integers(2, 6), n), rng.integers(0, rng.integers(2, 9), n)
+        if len(set(y_true)) < 2 or len(set(y_pred)) < 2:
+            continue
+        ours, ref = ec.cluster_metrics(y_true, y_pred), brute_force_scores(y_true.tolist(), y_pred.tolist())
+        for key in ref:
+            assert math.isclose(ours[key], ref[key], rel_tol=1e-9, abs_tol=1e-12), (trial, key, ours[key], ref[key])
+
+
+def test_metrics_on_hand_computed_cases_and_edge_cases():
+    # perfect match up to a renaming of arbitrary integer labels
+    assert ec.cluster_metrics([0, 0, 1, 1, 2, 2], [-5, -5, 9, 9, 40, 40]) == dict(nmi=1.0, ami=1.0, ari=1.0, acc=1.0)
+    # one cluster on both sides: a perfect (trivial) match; one cluster on one side: no information
+    assert ec.cluster_metrics([3, 3, 3], [7, 7, 7]) == dict(nmi=1.0, ami=1.0, ari=1.0, acc=1.0)
+    assert ec.cluster_metrics([0, 0, 1, 1], [0, 0, 0, 0])["nmi"] == 0.0
+    # all singletons: AMI = 1 as in scikit-learn (numerator and denominator both clamped to eps)
+    assert ec.cluster_metrics([0, 1], [1, 0])["ami"] == 1.0
+    # hand-computed: y_true = [0,0,0,1,1,1], y_pred = [0,0,1,1,2,2]; ACC = 4/6, majority ACC = 5/6
+    scores = ec.cluster_metrics([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2])
+    assert math.isclose(scores["acc"], 4 / 6) and math.isclose(scores["acc_majority"], 5 / 6)
+    # ARI: pairs together in both = 2 (in clusters 0 and 2); sum C(a,2) = 6, sum C(b,2) = 3, C(6,2) = 15
+    assert math.isclose(scores["ari"], (2 - 6 * 3 / 15) / ((6 + 3) / 2 - 6 * 3 / 15))
+    # MI = ln 2 - (1/3) ln 2 ... computed by hand: H(true) = ln 2, MI = (2/3) ln 2
+    assert math.isclose(scores["nmi"], (2 / 3) * math.log(2) / ((math.log(2) + math.log(3)) / 2))
+
+
+def test_metrics_are_invariant_to_label_permutation_and_symmetric():
+    rng = np.random.default_rng(1)
+    y_true, y_pred = rng.integers(0, 10, 2000), rng.integers(0, 12, 2000)
+    base = ec.cluster_metrics(y_true, y_pred)
+    permuted = ec.cluster_metrics(rng.permutation(10)[y_true] * 3 + 1, rng.permutation(12)[y_pred] - 50)
+    swapped = ec.cluster_metrics(y_pred, y_true)
+    for key in ("nmi", "ami", "ari", "acc"):
+        assert math.isclose(base[key], permuted[key], rel_tol=1e-12, abs_tol=1e-15)
+        assert math.isclose(base[key], swapped[key], rel_tol=1e-9, abs_tol=1e-15)
+
+
+def test_expected_mutual_information_grouping_equals_the_plain_sum():
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(1, 40, 30), rng.integers(1, 50, 25)  # sums differ: n is the larger total
+    a[0] += b.sum() - a.sum() if b.sum() > a.sum() else 0
+    b[0] += a.sum() - b.sum() if a.sum() > b.sum() else 0
+    n = int(a.sum())
+    plain = 0.0
+    from scipy.stats import hypergeom
+    for ai in a:
+        for bj in b:
+            nij = np.arange(max(1, ai + bj - n), min(ai, bj) + 1)
+            plain += (nij / n * np.log(n * nij / (ai * bj)) * hypergeom.pmf(nij, n, ai, bj)).sum()
+    assert math.isclose(ec.expected_mutual_info(a, b, n, max_terms=1000), plain, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("y_true, y_pred, message", [
+    ([0, 1, 2], [0, 1], "3 labels but y_pred has 2"),
+    ([], [], "empty"),
+    ([0.5, 1.0], [0, 1], "integer"),
+    ([[0, 1]], [[0, 1]], "1-D"),
+])
+def test_metrics_refuse_bad_labels(y_true, y_pred, message):
+    with pytest.raises(ValueError, match=message):
+        ec.cluster_metrics(y_true, y_pred)
+
+
+# =====================================================================================================
+# eval_clustering: k-means
+# =====================================================================================================
+def blobs(n_per, k, dim, spread, seed):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, dim, generator=gen) * 10
+    labels = torch.arange(k).repeat_interleave(n_per)
+    return centres[labels] + spread * torch.randn(len(labels), dim, generator=gen), labels
+
+
+def inertia(x, labels, centroids):
+    return float(((x - centroids[labels]) ** 2).sum())
+
+
+def test_kmeans_recovers_well_separated_clusters_exactly_and_is_deterministic():
+    x, labels = blobs(100, 8, 16, 0.5, 0)
+    pred, centroids = ec.kmeans(x, 8, n_init=3, seed=0)
+    assert ec.cluster_metrics(labels.numpy(), pred.numpy())["acc"] == 1.0 and centroids.shape == (8, 16)
+    pred2, centroids2 = ec.kmeans(x, 8, n_init=3, seed=0)
+    assert torch.equal(pred, pred2) and torch.equal(centroids, centroids2)
+    small_chunks = ec.kmeans(x, 8, n_init=3, seed=0, chunk_rows=7)[0]
+    assert torch.equal(pred, small_chunks)
+
+
+def test_kmeans_beats_random_init_lloyd_on_overlapping_data():
+    """An independent baseline: plain Lloyd from random data points, best of the same number of restarts."""
+    x, _ = blobs(200, 10, 8, 6.0, 1)
+    ours = inertia(x, *ec.kmeans(x, 10, n_init=5, seed=0))
+    best = math.inf
+    for seed in range(5):
+        c = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:10]]
+        for _ in range(100):
+            lab = torch.cdist(x, c).argmin(1)
+            c = torch.stack([x[lab == j].mean(0) if (lab == j).any() else c[j] for j in range(10)])
+        best = min(best, inertia(x, torch.cdist(x, c).argmin(1), c))
+    assert ours <= best * 1.001
+
+
+def test_kmeans_reseeds_empty_clusters_and_checks_its_input():
+    x = torch.cat([torch.zeros(50, 2), torch.ones(50, 2) * 10, torch.tensor([[5.0, 5.0]])])
+    labels, centroids = ec.kmeans(x, 3, n_init=1, seed=0)
+    assert len(torch.unique(labels)) == 3
+    with pytest.raises(ValueError, match="k <= N"):
+        ec.kmeans(x, 200)
+    with pytest.raises(ValueError, match="non-empty"):
+        ec.kmeans(torch.zeros(0, 3), 2)
+
+
+def test_cifar100_superclass_table_has_five_fine_classes_each():
+    assert len(ec.CIFAR100_SUPERCLASS) == 100
+    assert np.bincount(ec.CIFAR100_SUPERCLASS).tolist() == [5] * 20
+
+
+# =====================================================================================================
+# eval_clustering: command line
+# =====================================================================================================
+def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, capsys):
+    out_json, grid_dir = tmp_path / "scores.json", tmp_path / "grids"
+    rows = ec.main(["--checkpoint", str(trained / "ckpt.pt"), "--kmeans-seeds", "2", "--json", str(out_json),
+                    "--grid-dir", str(grid_dir), "--workers", "0", "--device", "cpu"])
+    table = capsys.readouterr().out
+    assert "head C=10" in table and "head C=20" in table and "k-means backbone" in table and "k-means projection" in table
+    saved = json.loads(out_json.read_text())["scores"]
+    assert saved["head C=10"]["acc"] > 0.6 and "acc_majority" in saved["head C=20"]
+    assert saved["k-means backbone (k=10, 2 seeds)"]["acc"]["mean"] > 0.3
+    assert rows["head C=10"] == saved["head C=10"]
+    assert len(list(grid_dir.glob("*.png"))) == 10
+
+
+def test_eval_command_line_baseline_without_checkpoint(tmp_path, capsys):
+    weights = tmp_path / "r18.pth"
+    torch.save({"module." + k: v for k, v in sc.build_model(sc.parse_config(["--stem", "imagenet"])).backbone.state_dict().items()}, weights)
+    ec.main(["--arch", "resnet18", "--stem", "imagenet", "--weights", str(weights), "--dataset", "synthetic", "--kmeans-seeds", "1",
+             "--workers", "0", "--device", "cpu", "--batch-size", "1000"])
+    assert "k-means backbone (k=10, 1 seeds)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_bytes(b"garbage"), "cannot read checkpoint"),
+    (lambda p: torch.save({"state_dict": {}}, p), "not a Self-Classifier checkpoint"),
+])
+def test_eval_command_line_refuses_bad_checkpoints_in_one_line(tmp_path, make, message):
+    path = tmp_path / "ckpt.pt"
+    make(path)
+    result = subprocess.run([sys.executable, str(HERE / "eval_clustering.py"), "--checkpoint", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
