@@ -187,14 +187,11 @@ def kmeans_plus_plus(x, x_sq, k, gen, chunk_rows):
         cumulative = closest.cumsum(0)
         draws = torch.rand(trials, device=x.device, generator=gen, dtype=torch.float64) * cumulative[-1]
         candidates = torch.searchsorted(cumulative, draws).clamp_(max=n - 1)
-        potentials, new_closest = [], []
-        for c in candidates:  # potential = total squared distance if this candidate is added
-            d = torch.minimum(closest, assign(x, x_sq, x[c:c + 1], chunk_rows)[1].double())
-            potentials.append(d.sum())
-            new_closest.append(d)
-        best = int(torch.stack(potentials).argmin())
-        centres.append(x[candidates[best]:candidates[best] + 1])
-        closest = new_closest[best]
+        # squared distance of every point to its closest centre if each candidate were added: [N, trials]
+        with_candidate = torch.minimum(closest[:, None], squared_distances(x, x_sq, x[candidates]).double())
+        best = int(with_candidate.sum(0).argmin())
+        centres.append(x[candidates[best]][None])
+        closest = with_candidate[:, best]
     return torch.cat(centres)
 
 

@@ -40,6 +40,8 @@ from torchvision.transforms import v2
 
 from eval_clustering import cluster_metrics
 
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.* is deprecated", FutureWarning)
+
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 
 
@@ -58,46 +60,23 @@ def option(default, help, **argparse_kwargs):
     return field(default=default, metadata=metadata)
 
 
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def checked(convert, is_valid, requirement):
+    """An argparse type: convert the text, then refuse a value that fails is_valid with a one-line reason."""
+    def parse(text):
+        value = convert(text)
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+        return value
+    parse.__name__ = convert.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def num_classes_type(text):
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"a head needs at least 2 classes, got {text}")
-    return value
-
-
-def probability(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
-    return value
-
-
-def scale_type(text):
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"a crop scale is a fraction of the image area in (0, 1], got {text}")
-    return value
+positive_float = checked(float, lambda v: v > 0, "must be > 0")
+positive_int = checked(int, lambda v: v >= 1, "must be >= 1")
+non_negative_int = checked(int, lambda v: v >= 0, "must be >= 0")
+num_classes_type = checked(int, lambda v: v >= 2, "a head needs at least 2 classes")
+probability = checked(float, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+scale_type = checked(float, lambda v: 0 < v <= 1, "a crop scale is a fraction of the image area in (0, 1]")
 
 
 @dataclass
