@@ -797,8 +797,7 @@ class Batches:
         self.seed = (cfg.seed, epoch, rank())
         self.on_device = use_batch_aug(cfg, dataset)
         if self.on_device:
-            self.images = dataset.images if dataset.images.device == device else dataset.images.to(device)
-            self.labels = dataset.labels.to(device)
+            self.images, self.labels = dataset.images, dataset.labels  # already on the device (see train)
         else:
             keys = [(int(i), derive_seed(cfg.seed, epoch, int(i))) for i in order[start_step:].flatten()]
             self.loader = torch.utils.data.DataLoader(
@@ -893,6 +892,8 @@ def train(cfg):
     # data
     train_set, eval_set = load_split(cfg, train=True), load_split(cfg, train=False)
     specs = view_specs(cfg)
+    if use_batch_aug(cfg, train_set):  # the whole uint8 dataset lives on the device: no loader, no copies
+        train_set.images, train_set.labels = train_set.images.to(device), train_set.labels.to(device)
     global_batch = cfg.batch_size * world_size()
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:
