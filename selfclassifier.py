@@ -313,8 +313,9 @@ def per_image_transform(spec):
 
 
 class PerImageViews(torch.utils.data.Dataset):
-    """dataset[(index, seed)] -> (list of views, label, index). The seed makes each sample's augmentation a
-    pure function of (run seed, epoch, index): any number of workers and a mid-epoch resume give the same views."""
+    """dataset[(index, epoch_seed)] -> (list of views, label, index). Each sample's augmentation is seeded from
+    (epoch seed, index) in the worker, a pure function of (run seed, epoch, index): any number of workers and a
+    mid-epoch resume give the same views."""
 
     def __init__(self, dataset, specs):
         self.dataset, self.transforms = dataset, [per_image_transform(s) for s in specs]
@@ -323,7 +324,8 @@ class PerImageViews(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, seed = key
+        index, epoch_seed = key
+        seed = derive_seed(epoch_seed, index)
         image, label = self.dataset[index]
         while image is None:  # unreadable file: warn and use the next image instead of crashing mid-epoch
             warnings.warn(f"skipping unreadable image {self.dataset.samples[index][0]}")
@@ -363,7 +365,7 @@ def gaussian_blur(x, sigma, kernel_size):
     return x.view(B, C, H, W)
 
 
-def batch_view(images, spec, gen):
+def batch_view(images, spec, gen, jitter_order=(0, 1, 2, 3)):
     """One view of a whole batch: uint8 [B, 3, H, W] -> float [B, 3, size, size] in [0, 1], every image with
     its own random crop, flip, jitter factors, grayscale, blur and solarisation. Differences from torchvision:
     a crop that does not fit is clamped instead of re-drawn, and the jitter order is shared by the batch."""
@@ -390,12 +392,12 @@ def batch_view(images, spec, gen):
     grid = F.affine_grid(theta, [B, 3, spec.size, spec.size], align_corners=False)
     x = F.grid_sample(images.float() / 255, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
 
-    # Colour jitter with probability JITTER_PROB (factor 1 / shift 0 means "not applied"), in a random order.
+    # Colour jitter with probability JITTER_PROB (factor 1 / shift 0 means "not applied"), in jitter_order.
     jitter = chance(JITTER_PROB)
     factors = {name: torch.where(jitter, uniform(1 - s, 1 + s), 1.0).view(B, 1, 1, 1)
                for name, s in JITTER.items() if name != "hue"}
     hue = torch.where(jitter, uniform(-JITTER["hue"], JITTER["hue"]), 0.0)
-    for op in torch.randperm(4, device=dev, generator=gen).tolist():
+    for op in jitter_order:
         if op == 0:
             x = (x * factors["brightness"]).clamp(0, 1)
         elif op == 1:
@@ -411,12 +413,13 @@ def batch_view(images, spec, gen):
         x = gaussian_blur(x, sigma, blur_kernel_size(spec.size))
     if spec.solarize_prob > 0:
         x = torch.where(chance(spec.solarize_prob).view(B, 1, 1, 1) & (x >= 0.5), 1 - x, x)
-    return x
+    return x.clamp(0, 1)  # the blur's rounding can step 1e-7 outside [0, 1]
 
 
 def batch_views(images, specs, seed):
     gen = torch.Generator(device=images.device).manual_seed(seed)
-    return [batch_view(images, spec, gen) for spec in specs]
+    order_gen = torch.Generator().manual_seed(seed)  # jitter order drawn on the host: no device sync
+    return [batch_view(images, spec, gen, torch.randperm(4, generator=order_gen).tolist()) for spec in specs]
 
 
 # =====================================================================================================
@@ -526,7 +529,9 @@ class NeighbourQueue(nn.Module):
         self.register_buffer("pushed", torch.zeros((), dtype=torch.long))
 
     def is_full(self):
-        return int(self.pushed) >= len(self.embeddings)
+        """Reads the counter from the device only until the queue has filled once (it stays full)."""
+        self.known_full = getattr(self, "known_full", False) or int(self.pushed) >= len(self.embeddings)
+        return self.known_full
 
     @torch.no_grad()
     def neighbours(self, z, index):
@@ -538,7 +543,7 @@ class NeighbourQueue(nn.Module):
     @torch.no_grad()
     def push(self, z, index, labels):
         z, index, labels = gather(z.float()), gather(index), gather(labels)
-        slots = (int(self.pushed) + torch.arange(len(z), device=z.device)) % len(self.embeddings)
+        slots = (self.pushed + torch.arange(len(z), device=z.device)) % len(self.embeddings)
         self.embeddings[slots], self.indices[slots], self.labels[slots] = z, index, labels
         self.pushed += len(z)
 
@@ -799,7 +804,8 @@ class Batches:
         if self.on_device:
             self.images, self.labels = dataset.images, dataset.labels  # already on the device (see train)
         else:
-            keys = [(int(i), derive_seed(cfg.seed, epoch, int(i))) for i in order[start_step:].flatten()]
+            epoch_seed = derive_seed(cfg.seed, epoch)
+            keys = [(i, epoch_seed) for i in order[start_step:].flatten().tolist()]
             self.loader = torch.utils.data.DataLoader(
                 PerImageViews(dataset, specs), batch_size=cfg.batch_size, sampler=keys, drop_last=True,
                 num_workers=cfg.workers, pin_memory=device.type == "cuda",
@@ -975,7 +981,9 @@ def train(cfg):
     interrupted = []  # Ctrl-C finishes the current step, saves a checkpoint, then exits
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
 
-    def stop_requested():
+    def stop_requested():  # one process: a plain check; DDP: all ranks agree (a sync, so only at log steps)
+        if world_size() == 1:
+            return bool(interrupted)
         return bool(all_reduce_sum(torch.tensor([float(bool(interrupted))], device=device)) > 0)
 
     try:

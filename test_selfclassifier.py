@@ -192,6 +192,29 @@ def test_per_image_and_batch_augmentation_agree_in_distribution():
     assert abs(batch.mean() - singles.mean()) < 0.03 and abs(batch.std() - singles.std()) < 0.03
 
 
+@pytest.mark.parametrize("op", ["brightness", "contrast", "saturation", "hue"])
+def test_each_colour_jitter_is_applied_with_its_own_factor_per_image(op, monkeypatch):
+    """Only `op` enabled, always applied, identity crop: every image changes, each by its own factor, and the
+    quantity the op must preserve is preserved (values kept in [0.35, 0.65] so that nothing clamps)."""
+    monkeypatch.setattr(sc, "JITTER", {name: (s if name == op else 0.0) for name, s in sc.JITTER.items()})
+    for name, value in (("JITTER_PROB", 1.0), ("GRAY_PROB", 0.0), ("FLIP_PROB", 0.0), ("RATIO", (1.0, 1.0))):
+        monkeypatch.setattr(sc, name, value)
+    images = (90 + 76 * torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))).to(torch.uint8)
+    x = images.float() / 255
+    view = sc.batch_view(images, sc.ViewSpec(32, (1.0, 1.0), 0.0, 0.0), torch.Generator().manual_seed(0))
+    assert ((view - x).abs().amax((1, 2, 3)) > 1e-3).sum() >= 15
+    if op == "brightness":  # x * f: one ratio per image, different between images
+        ratio = view / x
+        assert ratio.std((1, 2, 3)).max() < 1e-4 and ratio.mean((1, 2, 3)).std() > 0.05
+    elif op == "contrast":  # blend with the image's mean luma: the mean luma stays
+        torch.testing.assert_close(sc.grayscale(view).mean((1, 2, 3)), sc.grayscale(x).mean((1, 2, 3)), atol=1e-4, rtol=0)
+    elif op == "saturation":  # blend with the luma image: the luma stays
+        torch.testing.assert_close(sc.grayscale(view), sc.grayscale(x), atol=1e-4, rtol=0)  # luma weights sum to 0.9999
+    else:  # hue rotation keeps each pixel's HSV value (max) and chroma (max - min)
+        torch.testing.assert_close(view.amax(1), x.amax(1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(view.amin(1), x.amin(1), atol=1e-5, rtol=0)
+
+
 # =====================================================================================================
 # 4. Model
 # =====================================================================================================
