@@ -128,10 +128,21 @@ def hungarian_accuracy(contingency):
     return float(contingency[row, col].sum() / contingency.sum()), dict(zip(col.tolist(), row.tolist()))
 
 
+def hungarian_majority_accuracy(contingency):
+    """The authors' over-clustering accuracy: the best one-to-one matching (their Hungarian on the matrix padded
+    to a square has the same optimum), then every cluster left without a class takes its majority class.
+    Equal to theirs except where several one-to-one matchings are equally good and they break the tie otherwise."""
+    _, cluster_to_class = hungarian_accuracy(contingency)
+    unmatched = np.setdiff1d(np.arange(contingency.shape[1]), list(cluster_to_class))
+    matched = sum(contingency[c, k] for k, c in cluster_to_class.items())
+    return float((matched + contingency[:, unmatched].max(0).sum()) / contingency.sum())
+
+
 def cluster_metrics(y_true, y_pred):
-    """NMI, AMI, ARI, ACC of predicted clusters against true classes (plus acc_majority when there are more
-    clusters than classes). Same values and edge cases as scikit-learn's normalized_mutual_info_score,
-    adjusted_mutual_info_score, adjusted_rand_score (arithmetic-mean normalisation)."""
+    """NMI, AMI, ARI, ACC of predicted clusters against true classes. Same values and edge cases as
+    scikit-learn's normalized_mutual_info_score, adjusted_mutual_info_score, adjusted_rand_score (arithmetic-mean
+    normalisation). With more clusters than classes also acc_majority (every cluster -> its majority class) and
+    acc_hungarian_majority (the authors' protocol: one-to-one matching, then majority for the rest)."""
     y_true, y_pred = check_labels(y_true, y_pred)
     cont = contingency_matrix(y_true, y_pred)
     n = len(y_true)
@@ -153,6 +164,7 @@ def cluster_metrics(y_true, y_pred):
     scores = dict(nmi=float(nmi), ami=float(ami), ari=adjusted_rand_index(cont), acc=hungarian_accuracy(cont)[0])
     if num_clusters > num_classes:
         scores["acc_majority"] = float(cont.max(0).sum() / n)
+        scores["acc_hungarian_majority"] = hungarian_majority_accuracy(cont)
     return scores
 
 
@@ -247,43 +259,101 @@ def kmeans(x, k, n_init=10, n_iter=300, tol=1e-4, seed=0, device=None, chunk_row
     return best
 
 
-def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds):
-    """The field's baseline: k-means on l2-normalised features of the training split, each evaluation sample
-    assigned to its nearest centroid and scored; one row of metrics per seed."""
-    train_features = torch.nn.functional.normalize(torch.as_tensor(train_features).float(), dim=1)
-    eval_features = torch.nn.functional.normalize(torch.as_tensor(eval_features).float(), dim=1)
+def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds, l2_normalise=True, train_fraction=1.0,
+                    n_init=1, progress=None):
+    """The field's baseline: k-means fitted on features of the training split, each evaluation sample assigned to
+    its nearest centroid and scored; one row of metrics per seed.
+
+    Ours (the defaults): l2-normalised features of the whole training split. The authors' k-means table:
+    raw features (l2_normalise=False) of a 10 % subset (train_fraction=0.1), scikit-learn's 10 restarts
+    (n_init=10). progress(done, total), when given, is called after each seed."""
+    train_features, eval_features = torch.as_tensor(train_features).float(), torch.as_tensor(eval_features).float()
+    if l2_normalise:
+        train_features = torch.nn.functional.normalize(train_features, dim=1)
+        eval_features = torch.nn.functional.normalize(eval_features, dim=1)
     runs = []
-    for seed in seeds:
-        _, centroids = kmeans(train_features, k, n_init=1, seed=seed)
+    for done, seed in enumerate(seeds, 1):
+        fit_on = train_features
+        if train_fraction < 1:  # a random subset per seed
+            subset = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(seed))
+            fit_on = train_features[subset[:max(k, round(train_fraction * len(train_features)))]]
+        _, centroids = kmeans(fit_on, k, n_init=n_init, seed=seed)
         pred = assign(eval_features, (eval_features ** 2).sum(1), centroids, 1 << 14)[0]
         runs.append(cluster_metrics(np.asarray(eval_labels), pred.numpy()))
+        if progress:
+            progress(done, len(seeds))
     return runs
+
+
+# =====================================================================================================
+# Superclasses: score fine-class predictions against coarser labels
+# =====================================================================================================
+def read_class_map(path, class_names):
+    """Read a class -> superclass map: a JSON object {"class": "superclass", ...} or a text file of lines
+    "class superclass" (# starts a comment). A class is named by its folder name or its index in class_names.
+    Returns (superclass index of every class [num_classes], superclass names in order of first appearance)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ValueError(f"cannot read --class-map {path}: {error.strerror}") from None
+    if text.lstrip().startswith("{"):
+        try:
+            pairs = [(str(k), str(v)) for k, v in json.loads(text).items()]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--class-map {path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    else:
+        lines = [line.split("#")[0].split(None, 1) for line in text.splitlines()]
+        if any(len(parts) == 1 for parts in lines):
+            raise ValueError(f"--class-map {path}: every line needs 'class superclass'")
+        pairs = [(parts[0], parts[1].strip()) for parts in lines if parts]
+    index_of = {name: i for i, name in enumerate(class_names)}
+    superclasses, mapping = {}, np.full(len(class_names), -1)
+    for name, superclass in pairs:
+        i = index_of.get(name, int(name) if name.isdigit() and int(name) < len(class_names) else None)
+        if i is None:
+            raise ValueError(f"--class-map {path} names class {name!r}, which is neither a class folder nor a class index")
+        mapping[i] = superclasses.setdefault(superclass, len(superclasses))
+    if (mapping < 0).any():
+        raise ValueError(f"--class-map {path} gives no superclass for class {class_names[int(np.argmax(mapping < 0))]!r}")
+    return mapping, list(superclasses)
 
 
 # =====================================================================================================
 # Command line
 # =====================================================================================================
 def parse_args(argv=None):
+    import selfclassifier as sc
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", help="a checkpoint written by selfclassifier.py")
-    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="without --checkpoint: k-means baseline on this torchvision backbone")
+    p.add_argument("--checkpoint", help="a checkpoint written by selfclassifier.py, or one of the authors' released checkpoints")
+    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="without --checkpoint: baselines on this torchvision backbone")
     p.add_argument("--weights", help="with --arch: backbone state dict (random initialisation when omitted)")
     p.add_argument("--stem", choices=("cifar", "imagenet"), help="with --arch: stem (default: cifar for images of at most 64 px)")
     p.add_argument("--image-size", type=int, help="evaluation image side (default: the checkpoint's global crop size, or 32 / 224)")
-    p.add_argument("--dataset", help="default: the checkpoint's dataset")
+    p.add_argument("--dataset", choices=sc.DATASETS, help="default: the checkpoint's dataset")
     p.add_argument("--data", help="default: the checkpoint's data root")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data")
+    p.add_argument("--class-map", help="score against superclasses: a JSON object {\"class\": \"superclass\", ...} or a text "
+                   "file of lines 'class superclass' (# starts a comment); a class is its folder name or its index; "
+                   "every class needs a superclass. Default for cifar100: its 20 superclasses")
     p.add_argument("--cifar100-fine", action="store_true", help="score CIFAR-100 on its 100 fine classes instead of the 20 superclasses")
     p.add_argument("--kmeans-seeds", type=int, default=3, help="k-means runs per feature kind (0 = no k-means baseline)")
+    p.add_argument("--kmeans-features", choices=("l2", "raw"), default="l2", help="l2-normalise the features before k-means (ours) or not (the authors' table)")
+    p.add_argument("--kmeans-train-fraction", type=float, default=1.0, help="fit k-means on this random fraction of the training split (the authors: 0.1 of ImageNet)")
+    p.add_argument("--kmeans-n-init", type=int, default=1, help="k-means++ restarts per seed, best inertia kept (the authors: scikit-learn's 10)")
+    p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True, help="weighted kNN accuracy (k = 20, 200) on backbone features")
+    p.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=True, help="linear-probe accuracy on backbone features")
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--workers", type=int, default=min(8, sc.available_cpus()))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.add_argument("--grid-dir", help="save a PNG grid of random evaluation images for each best-matched predicted class")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.arch:
-        p.error("give --checkpoint, or --arch (with --dataset) for a k-means baseline without a checkpoint")
+        p.error("give --checkpoint, or --arch (with --dataset) for baselines without a checkpoint")
     if not args.checkpoint and not args.dataset:
         p.error("--arch needs --dataset (and --data)")
+    if not 0 < args.kmeans_train_fraction <= 1:
+        p.error(f"--kmeans-train-fraction must be in (0, 1], got {args.kmeans_train_fraction}")
     return args
 
 
@@ -315,18 +385,25 @@ def load_model_and_config(args):
     return model, cfg
 
 
+def table_cell(value):
+    if value is None:
+        return f"{'':>11s}"
+    if isinstance(value, dict):  # mean and std over k-means seeds
+        return f"{100 * value['mean']:5.1f} ±{100 * value['std']:4.1f}"
+    return f"{100 * value:11.1f}"
+
+
 def format_table(rows):
-    lines = [f"{'':34s} {'NMI':>11s} {'AMI':>11s} {'ARI':>11s} {'ACC':>11s} {'ACC-maj':>11s}"]
-    for name, scores in rows.items():
-        cells = []
-        for key in ("nmi", "ami", "ari", "acc", "acc_majority"):
-            if key not in scores:
-                cells.append(f"{'':>11s}")
-            elif isinstance(scores[key], dict):
-                cells.append(f"{100 * scores[key]['mean']:5.1f} ±{100 * scores[key]['std']:4.1f}")
-            else:
-                cells.append(f"{100 * scores[key]:11.1f}")
-        lines.append(f"{name:34s} " + " ".join(cells))
+    """The clustering rows (NMI ... ACC-H+maj; mean ± std for k-means), then the representation rows (top-1/5)."""
+    width = max(map(len, rows)) if rows else 0
+    columns = dict(nmi="NMI", ami="AMI", ari="ARI", acc="ACC", acc_majority="ACC-maj", acc_hungarian_majority="ACC-H+maj")
+    lines = [f"{'':{width}s} " + " ".join(f"{title:>11s}" for title in columns.values())]
+    lines += [f"{name:{width}s} " + " ".join(table_cell(scores.get(key)) for key in columns)
+              for name, scores in rows.items() if "nmi" in scores]
+    representation = [(name, scores) for name, scores in rows.items() if "top1" in scores]
+    if representation:
+        lines.append(f"\n{'':{width}s} {'top-1':>11s} {'top-5':>11s}")
+        lines += [f"{name:{width}s} {table_cell(scores['top1'])} {table_cell(scores.get('top5'))}" for name, scores in representation]
     return "\n".join(lines)
 
 
@@ -352,29 +429,53 @@ def save_grids(grid_dir, dataset, size, labels, predictions, class_names, per_cl
         torchvision.utils.save_image(images, grid_dir / f"cluster{cluster:04d}_matched-{name}.png", nrow=4, padding=1)
 
 
+def mean_and_std(runs):
+    return {m: dict(mean=float(np.mean([r[m] for r in runs])), std=float(np.std([r[m] for r in runs]))) for m in runs[0]}
+
+
 def evaluate(args):
     import selfclassifier as sc
     model, cfg = load_model_and_config(args)
     model = model.to(args.device)
     size = args.image_size or cfg.global_size
     train_set, eval_set = sc.load_split(cfg, train=True), sc.load_split(cfg, train=False)
-    print(f"extracting features of {len(eval_set)} evaluation and {len(train_set)} training images on {args.device}", file=sys.stderr)
-    ev = sc.extract(model, eval_set, size, args.batch_size, args.workers, args.device)
+    ev = sc.extract(model, eval_set, size, args.batch_size, args.workers, args.device, "evaluation-split features")
     labels, class_names = ev["labels"].numpy(), list(eval_set.classes)
-    if cfg.dataset == "cifar100" and not args.cifar100_fine:
-        labels, class_names = CIFAR100_SUPERCLASS[labels], [f"superclass{i}" for i in range(20)]
+    if (labels < 0).any():
+        raise ValueError(f"the {cfg.dataset} evaluation split is unlabelled: nothing to score against")
+    to_superclass = None
+    if args.class_map:
+        to_superclass, class_names = read_class_map(args.class_map, class_names)
+    elif cfg.dataset == "cifar100" and not args.cifar100_fine:
+        to_superclass, class_names = CIFAR100_SUPERCLASS, [f"superclass{i}" for i in range(20)]
+    if to_superclass is not None:
+        labels = to_superclass[labels]
     num_true = len(np.unique(labels))
-    rows = {}
-    for c, pred in zip(cfg.num_classes, ev["predictions"]):
-        rows[f"head C={c}"] = cluster_metrics(labels, pred.numpy())
+    rows = {f"head C={c}": cluster_metrics(labels, pred.numpy()) for c, pred in zip(cfg.num_classes, ev["predictions"])}
+    if args.kmeans_seeds > 0 or args.knn or args.linear_probe:
+        tr = sc.extract(model, train_set, size, args.batch_size, args.workers, args.device, "training-split features")
     if args.kmeans_seeds > 0:
-        tr = sc.extract(model, train_set, size, args.batch_size, args.workers, args.device)
-        kinds = [("backbone", "backbone")] + ([("projection", "embedding")] if args.checkpoint else [])
-        for title, key in kinds:
-            runs = kmeans_baseline(tr[key], ev[key], labels, num_true, range(args.kmeans_seeds))
-            rows[f"k-means {title} (k={num_true}, {len(runs)} seeds)"] = {
-                m: dict(mean=float(np.mean([r[m] for r in runs])), std=float(np.std([r[m] for r in runs])))
-                for m in runs[0]}
+        protocol = f"{args.kmeans_features}" + (f", {args.kmeans_train_fraction:g} of train" if args.kmeans_train_fraction < 1 else "")
+        for title, key in [("backbone", "backbone")] + ([("projection", "embedding")] if args.checkpoint else []):
+            progress = sc.Progress(f"k-means on {title} features", args.kmeans_seeds, "seeds")
+            runs = kmeans_baseline(tr[key], ev[key], labels, num_true, range(args.kmeans_seeds), args.kmeans_features == "l2",
+                                   args.kmeans_train_fraction, args.kmeans_n_init, progress)
+            rows[f"k-means {title} (k={num_true}, {protocol}, {len(runs)} seeds)"] = mean_and_std(runs)
+    if args.knn or args.linear_probe:
+        train_labels = tr["labels"].numpy()
+        labelled = train_labels >= 0  # STL-10's training split includes its unlabelled images
+        if not labelled.any():
+            print(f"no labelled training images in {cfg.dataset}: no kNN or linear probe", file=sys.stderr)
+        else:
+            train_features, train_labels = tr["backbone"][labelled], train_labels[labelled]
+            if to_superclass is not None:
+                train_labels = to_superclass[train_labels]
+            for k in (20, 200) if args.knn else ():
+                rows[f"kNN k={k} (backbone)"] = knn_accuracy(train_features, train_labels, ev["backbone"], labels,
+                                                             k=min(k, len(train_labels)), device=args.device)
+            if args.linear_probe:
+                rows["linear probe (backbone)"] = linear_probe(train_features, train_labels, ev["backbone"], labels,
+                                                               device=args.device)
     source = args.checkpoint or f"{args.arch} ({args.weights or 'random init'})"
     print(f"{source} on {cfg.dataset} evaluation split ({len(labels)} images, {num_true} classes)")
     print(format_table(rows))
@@ -394,6 +495,9 @@ def main(argv=None):
     except (sc.UserError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

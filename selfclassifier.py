@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -47,6 +48,26 @@ DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 
 class UserError(Exception):
     """A problem with the user's input or environment: printed as one line, never as a traceback."""
+
+
+def available_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Progress:
+    """Progress of a long step on stderr: one line every `every` seconds with done/total and a rate (rank 0 only).
+    Steps shorter than `every` print nothing."""
+
+    def __init__(self, what, total, unit, every=5.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.start = self.last = time.time()
+
+    def __call__(self, done):
+        now = time.time()
+        if now - self.last >= self.every or (done >= self.total and now - self.start >= self.every):
+            self.last = now
+            if rank() == 0:
+                print(f"{self.what}: {done}/{self.total} {self.unit} ({done / (now - self.start):.0f}/s)", file=sys.stderr, flush=True)
 
 
 # =====================================================================================================
@@ -87,15 +108,15 @@ class Config:
     download: bool = option(False, "let torchvision download CIFAR / STL-10 into --data")
     in_memory_max_size: int = option(96, "imagefolder: decode images once into memory when they are at most this many pixels a side (0 = never)", type=non_negative_int)
     batch_aug: str = option("auto", "augment whole batches on the training device with per-sample random parameters; auto = on for in-memory datasets", choices=("auto", "on", "off"))
-    workers: int = option(8, "data-loading processes per GPU (file-based data, or --batch-aug off)", type=non_negative_int)
+    workers: int = option(min(8, available_cpus()), "data-loading processes per GPU (decoding image folders, file-based data, --batch-aug off); default: the CPUs this process may use, at most 8", type=non_negative_int)
     # multi-crop augmentation (paper: 2 x 224 px at scale (0.4, 1), 6 x 96 px at scale (0.05, 0.4))
     global_size: int = option(32, "side of the two global crops in pixels", type=positive_int)
     global_scale: tuple = option((0.4, 1.0), "area range of the global crops", nargs=2, type=scale_type)
     local_crops: int = option(4, "number of local crops (0 = two views only)", type=non_negative_int)
     local_size: int = option(16, "side of the local crops in pixels", type=positive_int)
     local_scale: tuple = option((0.05, 0.4), "area range of the local crops", nargs=2, type=scale_type)
-    blur_prob: tuple = option((0.0, 0.0, 0.0), "Gaussian blur probability for global crop 1, global crop 2, local crops (paper: 1.0 0.1 0.5)", nargs=3, type=probability)
-    solarize_prob: float = option(0.2, "solarisation probability of global crop 2", type=probability)
+    blur_prob: tuple = option((0.0, 0.0, 0.0), "Gaussian blur probability for global crop 1 (the view the nearest-neighbour queue replaces), global crop 2, local crops (paper: 0.1 1.0 0.5)", nargs=3, type=probability)
+    solarize_prob: float = option(0.2, "solarisation probability of global crop 2 (paper: 0.2)", type=probability)
     # model
     arch: str = option("resnet18", "torchvision backbone", choices=("resnet18", "resnet34", "resnet50"))
     stem: str = option("auto", "cifar = 3x3 stride-1 conv, no max-pool; imagenet = 7x7 stride-2 conv + max-pool; auto = cifar when --global-size <= 64", choices=("auto", "cifar", "imagenet"))
@@ -105,6 +126,7 @@ class Config:
     # loss (paper: tau_row 0.1, tau_col 0.05)
     row_tau: float = option(0.1, "temperature of the softmax over classes (prediction)", type=positive_float)
     col_tau: float = option(0.05, "temperature of the softmax over the batch (target)", type=positive_float)
+    eps: float = option(1e-12, "eps of the loss's L1 normalisations and log (the authors' default)", type=positive_float)
     queue_len: int = option(0, "nearest-neighbour queue length (0 = off; paper: 262144 on ImageNet)", type=non_negative_int)
     # optimisation (paper, ImageNet: LARS, lr 4.8 at batch 4096, warmup 10 epochs from 0.3, cosine to 0.0048)
     epochs: int = option(100, "training epochs", type=positive_int)
@@ -116,14 +138,14 @@ class Config:
     warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=float)
     weight_decay: float = option(1e-5, "weight decay", type=float)
     momentum: float = option(0.9, "SGD momentum", type=float)
-    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for biases and norm parameters (DINO's choice); the authors adapt every parameter")
+    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, norms, weight-norm magnitudes): DINO's choice, not the authors' (they adapt every parameter; their --no-bias-wd only drops the decay)")
     # run
-    precision: str = option("auto", "autocast dtype; auto = bf16 on GPU, fp32 on CPU (the loss is always float32)", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = option("auto", "autocast dtype of the backbone; auto = bf16 on GPU, fp32 on CPU (projection, heads and loss always run in float32)", choices=("auto", "bf16", "fp16", "fp32"))
     compile: bool = option(False, "torch.compile the backbone")
     seed: int = option(0, "random seed (each rank adds its rank)", type=int)
     device: str = option("auto", "auto = cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
     out_dir: str = option("out", "checkpoint ckpt.pt and log.jsonl go here; an existing ckpt.pt is resumed")
-    resume: str = option("", "checkpoint to resume from (default: OUT_DIR/ckpt.pt when it exists)")
+    resume: str = option("", "checkpoint to start from when OUT_DIR/ckpt.pt does not exist yet: one of ours, or one of the authors' released ones (model only, fresh optimizer)")
     max_steps: int = option(0, "stop after this many steps in total (0 = run all epochs; the schedule still spans --epochs)", type=non_negative_int)
     log_every: int = option(50, "steps between log lines", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints (one is always written at each epoch end)", type=positive_float)
@@ -152,6 +174,8 @@ def parse_config(argv=None):
             parser.error(f"--{name.replace('_', '-')}: the first value must not exceed the second, got {low} {high}")
     if cfg.warmup_epochs > cfg.epochs:
         parser.error(f"--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}")
+    if cfg.stem == "auto":  # stored resolved, so that a checkpoint says which stem its weights belong to
+        cfg.stem = "cifar" if cfg.global_size <= 64 else "imagenet"
     return cfg
 
 
@@ -215,8 +239,18 @@ def read_image(path):
         return None
 
 
-def keep_list(batch):
-    return batch
+class StackDecoded:
+    """collate_fn of the in-memory decoding: a batch of (uint8 image or None, label) -> (images [b, 3, H, W] of the
+    expected shape stacked into one tensor, labels [b], number dropped). One tensor per batch: workers that hand
+    back thousands of small tensors run out of file descriptors ("received 0 items of ancdata")."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def __call__(self, batch):
+        good = [(image, label) for image, label in batch if image is not None and tuple(image.shape) == self.shape]
+        images = torch.stack([image for image, _ in good]) if good else torch.zeros(0, *self.shape, dtype=torch.uint8)
+        return images, torch.tensor([label for _, label in good], dtype=torch.long), len(batch) - len(good)
 
 
 def load_image_folder(root, in_memory_max_size, workers):
@@ -233,18 +267,17 @@ def load_image_folder(root, in_memory_max_size, workers):
     if max(first.size) > in_memory_max_size:
         return folder
     folder.transform = v2.PILToTensor()
-    images, labels, skipped = [], [], 0
-    loader = torch.utils.data.DataLoader(folder, batch_size=512, num_workers=min(workers, 8), collate_fn=keep_list)
-    for batch in loader:
-        for image, label in batch:
-            if image is None or (images and image.shape != images[0].shape):
-                skipped += 1
-                continue
-            images.append(image)
-            labels.append(label)
-    if skipped:
-        warnings.warn(f"{root}: skipped {skipped} unreadable image(s) or image(s) of another size than {tuple(first.size)}")
-    return ImageArray(torch.stack(images), torch.tensor(labels), folder.classes)
+    shape = (3, first.size[1], first.size[0])
+    images, labels = torch.empty(len(folder), *shape, dtype=torch.uint8), torch.empty(len(folder), dtype=torch.long)
+    loader = torch.utils.data.DataLoader(folder, batch_size=256, num_workers=workers, collate_fn=StackDecoded(shape))
+    kept, dropped, progress = 0, 0, Progress(f"decoding {root}", len(folder), "images")
+    for batch_images, batch_labels, batch_dropped in loader:
+        images[kept:kept + len(batch_images)], labels[kept:kept + len(batch_labels)] = batch_images, batch_labels
+        kept, dropped = kept + len(batch_images), dropped + batch_dropped
+        progress(kept + dropped)
+    if dropped:
+        warnings.warn(f"{root}: skipped {dropped} unreadable image(s) or image(s) of another size than {tuple(first.size)}")
+    return ImageArray(images[:kept].clone(), labels[:kept].clone(), folder.classes)
 
 
 def load_split(cfg, train):
@@ -432,8 +465,9 @@ class SelfClassifier(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1))  # saved with the weights
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
         self.backbone = getattr(torchvision.models, arch)(weights=None)
-        if small_stem:  # 32 px images: keep the resolution in the stem
+        if small_stem:  # 32 px images: keep the resolution in the stem (initialised as torchvision's convs)
             self.backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
             self.backbone.maxpool = nn.Identity()
         self.feature_dim = self.backbone.fc.in_features
         self.backbone.fc = nn.Identity()
@@ -451,30 +485,36 @@ class SelfClassifier(nn.Module):
             self.heads.append(head)
 
     def features(self, images):
-        """Backbone features [B, feature_dim] of float images in [0, 1]."""
+        """Backbone features [B, feature_dim] of float images in [0, 1] (the only part autocast may lower)."""
         return self.backbone((images - self.pixel_mean) / self.pixel_std)
 
     def embed(self, features):
-        """Projection MLP, l2-normalised: [B, feature_dim] -> [B, embed_dim]."""
-        return F.normalize(self.projector(features), dim=1)
+        """Projection MLP, l2-normalised, in float32 even under autocast: [B, feature_dim] -> [B, embed_dim]."""
+        with torch.autocast(features.device.type, enabled=False):
+            return F.normalize(self.projector(features.float()), dim=1, eps=1e-7)  # the authors' eps
 
     def classify(self, z):
-        """Logits of every head: [B, embed_dim] -> list of [B, C]."""
-        return [head(z) for head in self.heads]
+        """Logits of every head in float32 even under autocast (the column softmax divides them by col_tau, which
+        would multiply bf16 rounding errors by 20): [B, embed_dim] -> list of [B, C]."""
+        with torch.autocast(z.device.type, enabled=False):
+            return [head(z.float()) for head in self.heads]
 
     def forward(self, views):
         """views: list of [B, 3, h, w] -> (embeddings: list over views of [B, D],
-        logits: list over heads of list over views of [B, C]). The backbone runs once per crop resolution."""
-        embeddings, start = [], 0
+        logits: list over heads of list over views of [B, C]).
+
+        As the authors: the backbone runs once per crop resolution, then the projection runs once on the
+        features of all views together, so its BatchNorm normalises over global and local views at once."""
+        features, start = [], 0
         while start < len(views):
             end = start
             while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
                 end += 1
-            z = self.embed(self.features(torch.cat(views[start:end])))
-            embeddings += list(z.chunk(end - start))
+            features.append(self.features(torch.cat(views[start:end])))
             start = end
-        per_view = [self.classify(z) for z in embeddings]
-        return embeddings, [list(head_logits) for head_logits in zip(*per_view)]
+        z = self.embed(torch.cat(features))                                   # [V*B, D]
+        embeddings = list(z.chunk(len(views)))
+        return embeddings, [list(s.chunk(len(views))) for s in self.classify(z)]
 
 
 def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
@@ -485,7 +525,7 @@ def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
 # =====================================================================================================
 # Loss (paper Eq. 4-5, Algorithm 1)
 # =====================================================================================================
-def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, num_global=2, eps=1e-8):
+def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, num_global=2, eps=1e-12):
     """Self-Classifier cross-entropy of one classification head over all views.
 
     logits: list over views (global views first) of [B, C] logits s = head(z) of this rank's B images.
@@ -501,7 +541,9 @@ def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, num_global=2, eps=1e
 
     Returns the mean of l(i, j) over ordered pairs (target view i, predicted view j), i != j, skipping pairs
     where both views are local (index >= num_global); for two views this is (l(1,2) + l(2,1)) / 2. No
-    stop-gradient: the target is differentiated too. Computed in float32 even under autocast.
+    stop-gradient: the target is differentiated too. Computed in float32 even under autocast. eps = 1e-12 is
+    the authors' default: once logits reach about 3, eps = 1e-8 changes the loss by ~25 % and the gradient by
+    more than 100 % (column-softmax masses of a sample fall below 1e-8).
     """
     rows = slice(rank() * logits[0].shape[0], (rank() + 1) * logits[0].shape[0])
     logits = [gather_with_grad(s.to(torch.promote_types(s.dtype, torch.float32))) for s in logits]  # >= float32
@@ -705,20 +747,55 @@ def strip_prefixes(state_dict):
     return {k.replace("module.", "").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
 
 
-MODEL_KEYS = ("arch", "stem", "global_size", "hidden_dim", "embed_dim", "num_classes")
+MODEL_KEYS = ("arch", "stem", "hidden_dim", "embed_dim", "num_classes")
 
 
 def load_checkpoint(path):
-    """Load one of our checkpoints onto the CPU, or raise UserError saying what is wrong with it."""
+    """Load one of our checkpoints, or one of the authors' (converted), onto the CPU; UserError if neither."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated or not a torch file
         raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and any("mlp_head." in k for k in state["state_dict"]):
+        return from_authors_checkpoint(state, path)
     if not isinstance(state, dict) or not {"model", "config"} <= set(state):
         raise UserError(f"{path} is not a Self-Classifier checkpoint (no 'model' and 'config' entries)")
     return state
+
+
+def from_authors_checkpoint(state, path):
+    """The authors' released checkpoints (github elad-amrani/self-classifier) as one of ours: their state_dict
+    keys module.backbone.* (torchvision ResNet), module.mlp_head.mlp.{0,1,3}.* (Linear, BatchNorm1d, LeakyReLU,
+    Linear) and module.cls_{i}.weight_g / weight_v (old-style weight norm) renamed to this model's, and the
+    config read off the tensor shapes. Their images were normalised with the ImageNet mean and std."""
+    weights = dict(pixel_mean=torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                   pixel_std=torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+    projection_layers = set()
+    for key, value in strip_prefixes(state["state_dict"]).items():
+        head = re.fullmatch(r"cls_(\d+)\.weight_([gv])", key)
+        if key.startswith("backbone.") and not key.startswith("backbone.fc."):
+            weights[key] = value
+        elif key.startswith("mlp_head.mlp."):
+            projection_layers.add(int(key.split(".")[2]))
+            weights["projector." + key.removeprefix("mlp_head.mlp.")] = value
+        elif head:
+            weights[f"heads.{head[1]}.parametrizations.weight.original{dict(g=0, v=1)[head[2]]}"] = value
+    args = vars(state["args"]) if hasattr(state.get("args"), "__dict__") else state.get("args") or {}
+    if projection_layers != {0, 1, 3} or args.get("no_leaky"):
+        raise UserError(f"{path}: this model's projection is Linear-BatchNorm-LeakyReLU-Linear (the authors' "
+                        f"--num-hidden 2 --use-bn); this checkpoint's has layers {sorted(projection_layers)}")
+    layer3 = {k.split(".")[2] for k in weights if k.startswith("backbone.layer3.")}
+    arch = "resnet50" if "backbone.layer1.0.conv3.weight" in weights else {2: "resnet18", 6: "resnet34"}.get(len(layer3))
+    if arch is None or "backbone.conv1.weight" not in weights:
+        raise UserError(f"{path}: the backbone is not a torchvision ResNet-18/34/50")
+    heads = sorted(int(k.split(".")[1]) for k in weights if k.startswith("heads.") and k.endswith("original1"))
+    config = dict(arch=arch, stem="imagenet" if weights["backbone.conv1.weight"].shape[-1] == 7 else "cifar",
+                  global_size=224, dataset="imagefolder", hidden_dim=weights["projector.0.weight"].shape[0],
+                  embed_dim=weights["projector.3.weight"].shape[0],
+                  num_classes=[weights[f"heads.{i}.parametrizations.weight.original1"].shape[0] for i in heads])
+    return dict(model=weights, config=config, step=0, source="authors")
 
 
 def config_from_checkpoint(state, **overrides):
@@ -761,23 +838,25 @@ def eval_batches(dataset, size, batch_size, workers):
 
 
 @torch.no_grad()
-def extract(model, dataset, size, batch_size=512, workers=8, device="cpu"):
+def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features"):
     """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], predicted class
-    per head (list of [N]) and labels [N], all on the CPU."""
+    per head (list of [N]) and labels [N], all on the CPU. On a GPU the backbone runs in bf16, the projection and
+    the heads in float32 (see SelfClassifier.embed / classify)."""
     was_training = model.training
     model.eval()
     out = dict(backbone=[], embedding=[], predictions=[[] for _ in model.heads], labels=[])
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    progress = Progress(f"extracting {what}", len(dataset), "images")
     for images, labels in eval_batches(dataset, size, batch_size, workers):
         with amp:
             features = model.features(images.to(device, non_blocking=True))
-            z = model.embed(features)
-            logits = model.classify(z)
+        z = model.embed(features)
         out["backbone"].append(features.float().cpu())
-        out["embedding"].append(z.float().cpu())
-        for head, s in enumerate(logits):
+        out["embedding"].append(z.cpu())
+        for head, s in enumerate(model.classify(z)):
             out["predictions"][head].append(s.argmax(1).cpu())
         out["labels"].append(torch.as_tensor(labels))
+        progress(sum(len(l) for l in out["labels"]))
     model.train(was_training)
     return dict(backbone=torch.cat(out["backbone"]), embedding=torch.cat(out["embedding"]),
                 predictions=[torch.cat(p) for p in out["predictions"]], labels=torch.cat(out["labels"]))
@@ -872,7 +951,7 @@ def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue,
             for head_logits, s in zip(logits, raw_model.classify(neighbour)):
                 head_logits[0] = s
         queue.push(embeddings[0].detach(), index, labels)
-    loss = sum(self_classifier_loss(s, cfg.row_tau, cfg.col_tau) for s in logits) / len(logits)  # mean over heads
+    loss = sum(self_classifier_loss(s, cfg.row_tau, cfg.col_tau, eps=cfg.eps) for s in logits) / len(logits)  # mean over heads
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -927,8 +1006,8 @@ def train(cfg):
 
     # resume
     step = 0
-    resume_path = Path(cfg.resume) if cfg.resume else ckpt_path
-    if cfg.resume or ckpt_path.exists():
+    resume_path = ckpt_path if ckpt_path.exists() or not cfg.resume else Path(cfg.resume)
+    if resume_path.exists() or cfg.resume:
         state = load_checkpoint(resume_path)
         saved = state["config"]
         changed = [k for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)]
@@ -937,12 +1016,16 @@ def train(cfg):
                             + "; this run asks for " + ", ".join(f"{k}={getattr(cfg, k)}" for k in changed)
                             + " (use another --out-dir or the same settings)")
         model.load_state_dict(strip_prefixes(state["model"]))
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if queue is not None and state.get("queue"):
-            queue.load_state_dict(state["queue"])
-        step = state["step"]
-        log(dict(event="resume", step=step), f"resumed from {resume_path} at step {step}")
+        if state.get("source") == "authors":
+            log(dict(event="init", source=str(resume_path)), f"initialised the model from the authors' checkpoint "
+                f"{resume_path}; optimizer, schedule and queue start fresh")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            if queue is not None and state.get("queue"):
+                queue.load_state_dict(state["queue"])
+            step = state["step"]
+            log(dict(event="resume", step=step), f"resumed from {resume_path} at step {step}")
 
     raw_model = model
     if cfg.compile:
@@ -957,6 +1040,9 @@ def train(cfg):
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     saved_step, last_save_time = step, time.time()
+    if step >= last_step:
+        log(dict(event="finished", step=step), f"already trained {step // steps_per_epoch} epochs ({step} steps) in "
+            f"{out_dir}; nothing to do — use another --out-dir or more --epochs")  # the loop below is skipped
 
     def checkpoint():
         nonlocal saved_step, last_save_time
@@ -1061,6 +1147,9 @@ def main(argv=None):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # before training started (afterwards Ctrl-C saves a checkpoint and exits 130)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

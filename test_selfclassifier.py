@@ -137,11 +137,20 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
 # =====================================================================================================
 # 3. Multi-crop augmentation
 # =====================================================================================================
-def test_view_specs_follow_the_paper_recipe():
-    cfg = sc.parse_config(["--local-crops", "6", "--global-size", "224", "--local-size", "96", "--blur-prob", "1", "0.1", "0.5"])
-    specs = sc.view_specs(cfg)
+def readme_imagenet_command():
+    """The flags of the README's command for the paper's ImageNet configuration."""
+    text = (HERE / "README.md").read_text().split("torchrun --nproc_per_node=8 selfclassifier.py", 1)[1]
+    command = text.split("\n\n", 1)[0].replace("\\\n", " ")
+    return [flag for flag in command.split() if flag]
+
+
+def test_readme_imagenet_command_has_the_authors_view_recipe():
+    """Global view 1 (the one the queue replaces) blurred with p 0.1, view 2 always blurred and solarised with
+    p 0.2, local views blurred with p 0.5 (the authors' recipe; the reverse blur order was once quoted here)."""
+    specs = sc.view_specs(sc.parse_config(readme_imagenet_command()))
     assert [s.size for s in specs] == [224, 224] + [96] * 6
-    assert [s.blur_prob for s in specs] == [1.0, 0.1] + [0.5] * 6
+    assert [s.scale for s in specs] == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 6
+    assert [s.blur_prob for s in specs] == [0.1, 1.0] + [0.5] * 6
     assert [s.solarize_prob for s in specs] == [0.0, 0.2] + [0.0] * 6
 
 
@@ -235,10 +244,46 @@ def test_model_shapes_stem_heads_and_one_backbone_call_per_resolution():
     assert sc.build_model(sc.parse_config(["--global-size", "224"])).backbone.conv1.stride == (2, 2)
 
 
+def test_projection_and_heads_stay_float32_under_bf16_autocast():
+    """The column softmax divides the logits by col_tau = 0.05: bf16 logits would carry 20x their rounding error.
+    Under autocast the embedding and the logits must equal the float32 model's, bit for bit."""
+    model = sc.build_model(sc.parse_config(["--hidden-dim", "32", "--num-classes", "10", "20"])).eval()
+    features = torch.randn(16, model.feature_dim)
+    z, logits = model.embed(features), model.classify(model.embed(features))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_amp = model.embed(features.bfloat16())
+        logits_amp = model.classify(z_amp)
+    assert z_amp.dtype == torch.float32 and all(s.dtype == torch.float32 for s in logits_amp)
+    torch.testing.assert_close(z_amp, model.embed(features.bfloat16().float()), rtol=0, atol=0)
+    for s, s_amp in zip(model.classify(z_amp), logits_amp):
+        torch.testing.assert_close(s_amp, s, rtol=0, atol=0)
+    assert torch.equal(model.classify(z)[0], logits[0])
+
+
+def test_projection_runs_once_on_all_views_so_batchnorm_sees_them_together():
+    """As the authors: one projection pass on the backbone features of global and local views concatenated;
+    the BatchNorm's batch statistics are those of all views, and its running statistics move once per step."""
+    model = sc.build_model(sc.parse_config(["--hidden-dim", "32", "--num-classes", "10"]))
+    seen = []
+    model.projector[1].register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    views = [torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32), torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)]
+    model(views)
+    assert len(seen) == 1 and seen[0].shape[0] == 16 and model.projector[1].num_batches_tracked == 1
+    momentum = model.projector[1].momentum
+    torch.testing.assert_close(model.projector[1].running_mean, momentum * seen[0].mean(0))
+
+
+def test_cifar_stem_is_initialised_like_torchvision_convolutions():
+    conv = sc.build_model(sc.parse_config(["--hidden-dim", "16"])).backbone.conv1
+    assert conv.kernel_size == (3, 3)
+    expected_std = math.sqrt(2 / (64 * 3 * 3))  # Kaiming normal, fan_out, ReLU gain
+    assert abs(float(conv.weight.detach().std()) / expected_std - 1) < 0.1
+
+
 # =====================================================================================================
 # 5. Loss
 # =====================================================================================================
-def reference_loss(logits, row_tau, col_tau, num_global, eps=1e-8):
+def reference_loss(logits, row_tau, col_tau, num_global, eps=1e-12):
     """An independent reading of the paper's Algorithm 1 and the authors' code, in float64 with explicit loops.
     The L1 normalisations divide by max(sum, eps), as torch.nn.functional.normalize in the authors' code does."""
     logits = [s.double() for s in logits]
@@ -265,6 +310,17 @@ def test_loss_matches_an_independent_reading_of_the_paper(num_views):
     if num_views == 2:  # the popular "PyTorch version" that normalises along dim=-1 everywhere is not this loss
         wrong = -(F.softmax(logits[1] / 0.05, -1) * F.log_softmax(logits[0] / 0.1, -1)).sum(1).mean()
         assert abs(float(wrong) - float(expected)) > 1e-2
+
+
+def test_loss_eps_is_the_authors_1e_12_and_it_matters():
+    """With logits of a trained head (|s| up to about 3 after the weight-norm magnitude grew), the authors' eps
+    1e-12 and the formerly used 1e-8 give clearly different losses: the default must be the authors'."""
+    torch.manual_seed(0)
+    logits = [torch.randn(256, 10) * 3 for _ in range(2)]
+    ours = float(sc.self_classifier_loss(logits))
+    assert math.isclose(ours, float(reference_loss(logits, 0.1, 0.05, 2, eps=1e-12)), rel_tol=1e-4)
+    assert abs(ours - float(reference_loss(logits, 0.1, 0.05, 2, eps=1e-8))) > 0.05 * abs(ours)
+    assert sc.parse_config([]).eps == 1e-12 and sc.parse_config(["--eps", "1e-8"]).eps == 1e-8
 
 
 def test_loss_skips_local_local_pairs_and_uses_all_others():
@@ -506,6 +562,74 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     assert tmp.exists(), "the writer finished before it could be killed"
     state = sc.load_checkpoint(path)
     assert state["step"] == 7 and torch.equal(state["model"]["w"], torch.arange(5.0))
+
+
+# =====================================================================================================
+# The authors' released checkpoints
+# =====================================================================================================
+def write_authors_checkpoint(path, num_classes=(10, 20), hidden=64, dim=16, mlp_layers=(0, 1, 3)):
+    """A checkpoint in exactly the authors' key layout (random weights, ResNet-18 to stay fast), and the modules
+    it was made of, for a direct transcription of their forward pass."""
+    import argparse
+    import torchvision
+    gen = torch.Generator().manual_seed(0)
+    backbone = torchvision.models.resnet18(weights=None)
+    backbone.fc = torch.nn.Identity()
+    mlp = torch.nn.Sequential(torch.nn.Linear(512, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.LeakyReLU(),
+                              torch.nn.Linear(hidden, dim))
+    for module in (backbone, mlp):  # non-trivial BatchNorm statistics, so that a mix-up of keys shows
+        for bn in module.modules():
+            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+                bn.running_mean.uniform_(-0.1, 0.1, generator=gen)
+                bn.running_var.uniform_(0.5, 2.0, generator=gen)
+                bn.weight.data.uniform_(0.5, 1.5, generator=gen)
+    heads = [(torch.rand(c, 1, generator=gen) + 0.5, torch.randn(c, dim, generator=gen)) for c in num_classes]
+    state = {"module.backbone." + k: v for k, v in backbone.state_dict().items()}
+    mlp_state = {k: v for k, v in mlp.state_dict().items() if int(k.split(".")[0]) in mlp_layers}
+    state.update({"module.mlp_head.mlp." + k: v for k, v in mlp_state.items()})
+    for i, (g, v) in enumerate(heads):
+        state[f"module.cls_{i}.weight_g"], state[f"module.cls_{i}.weight_v"] = g, v
+    args = argparse.Namespace(arch="resnet18", cls_size=list(num_classes), num_cls=len(num_classes), dim=dim,
+                              hidden_dim=hidden, num_hidden=2, use_bn=True, no_leaky=False)
+    torch.save(dict(epoch=800, arch="resnet18", state_dict=state, args=args), path)
+    return backbone.eval(), mlp.eval(), heads
+
+
+def authors_forward(backbone, mlp, heads, images):
+    """The authors' evaluation forward pass, transcribed: ImageNet normalisation, backbone, MLP, l2-normalise
+    (eps 1e-7), then per head F.linear with the old weight norm w = g * v / ||v|| (norm per output row)."""
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = F.normalize(mlp(backbone((images - mean) / std)), p=2, dim=1, eps=1e-7)
+    return [F.linear(x, g * v / v.norm(dim=1, keepdim=True)) for g, v in heads]
+
+
+def test_authors_checkpoint_loads_and_gives_their_logits(tmp_path):
+    path = tmp_path / "authors.pth.tar"
+    backbone, mlp, heads = write_authors_checkpoint(path)
+    model, cfg = sc.model_from_checkpoint(sc.load_checkpoint(path))
+    assert (cfg.arch, cfg.stem, cfg.hidden_dim, cfg.embed_dim, cfg.num_classes) == ("resnet18", "imagenet", 64, 16, [10, 20])
+    model.eval()
+    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.classify(model.embed(model.features(images)))
+        theirs = authors_forward(backbone, mlp, heads, images)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_training_can_start_from_the_authors_checkpoint(tmp_path):
+    path = tmp_path / "authors.pth.tar"
+    write_authors_checkpoint(path, num_classes=(10, 12))
+    cfg = tiny(tmp_path / "run", "--resume", str(path), "--embed-dim", "16", "--max-steps", "1", "--queue-len", "0")
+    sc.train(cfg)
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    assert '"event": "init"' in log and sc.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 1
+    with pytest.raises(sc.UserError, match="num_classes=\\[10, 12\\].*num_classes=\\[10\\]"):
+        sc.train(tiny(tmp_path / "other", "--resume", str(path), "--embed-dim", "16", "--num-classes", "10"))
+    write_authors_checkpoint(path, mlp_layers=(0, 3))  # --num-hidden 2 without --use-bn: no BatchNorm
+    with pytest.raises(sc.UserError, match="Linear-BatchNorm-LeakyReLU-Linear") as error:
+        sc.load_checkpoint(path)
+    assert "\n" not in str(error.value)
 
 
 # =====================================================================================================
