@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torchvision.transforms.v2 import functional as TF
 
 import eval_clustering as ec
@@ -94,6 +95,25 @@ def test_small_imagefolder_is_decoded_into_memory_and_skips_unreadable_files(tmp
     assert train.classes == ["a", "b"] and train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     with pytest.warns(UserWarning):
         assert len(sc.load_split(cfg, train=False)) == 6  # falls back to val/ when there is no test/
+
+
+def test_imagefolder_of_thousands_of_small_images_decodes_with_workers(tmp_path):
+    """DataLoader workers that return every image as its own tensor run out of file descriptors on a few
+    thousand images ("received 0 items of ancdata"); the decoding returns one stacked tensor per batch."""
+    import resource
+    write_folder(tmp_path, classes=("a", "b", "c"), per_class=1500, size=4, broken=1)
+    cfg = sc.parse_config(["--dataset", "imagefolder", "--data", str(tmp_path), "--workers", "2"])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))  # as on machines with a low limit
+    try:
+        with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+            train = sc.load_split(cfg, train=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert train.images.shape == (4500, 3, 4, 4) and torch.bincount(train.labels).tolist() == [1500] * 3
+    from PIL import Image
+    position = 1500 + sorted(os.listdir(tmp_path / "train" / "b")).index("7.png")  # ImageFolder sorts file names
+    assert torch.equal(train.images[position], torch.from_numpy(np.array(Image.open(tmp_path / "train" / "b" / "7.png"))).permute(2, 0, 1))
 
 
 def test_large_imagefolder_is_read_per_image_and_survives_unreadable_files(tmp_path):
@@ -446,8 +466,8 @@ def test_cpu_run_on_synthetic_data_learns_the_classes(trained):
     assert len(evals) == 8 and all(r["head"] == 10 for r in evals)
     assert evals[-1]["acc"] > 0.6 and evals[-1]["nmi"] > 0.6, evals[-1]  # chance: ACC 0.1, NMI 0
     train_lines = [r for r in records if r["event"] == "train"]
-    last = train_lines[-1]
-    assert set(last["heads"]) == {"10", "20"} and last["heads"]["10"]["epoch_classes"] == 10
+    last = train_lines[-1]  # far from collapse (1 class); how many of the 10 are used depends on the torch version
+    assert set(last["heads"]) == {"10", "20"} and last["heads"]["10"]["epoch_classes"] >= 7
     assert last["heads"]["10"]["entropy"] > 0.8 * math.log(10) and 0 <= last["data_wait"] < 1
     assert last["loss"] < train_lines[0]["loss"]
 
@@ -459,6 +479,23 @@ def test_checkpoint_holds_everything_and_loads_with_prefixes(trained):
     prefixed = {"module._orig_mod." + k: v for k, v in state["model"].items()}
     model, cfg = sc.model_from_checkpoint(dict(state, model=prefixed))
     assert cfg.hidden_dim == 512 and not (trained / "ckpt.pt.tmp").exists()
+
+
+def test_a_finished_run_started_again_says_so_and_exits_0(trained, tmp_path, capsys):
+    (tmp_path / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
+    sc.main(LEARN + ["--out-dir", str(tmp_path)])
+    assert "already trained 8 epochs (120 steps)" in capsys.readouterr().out
+    assert sc.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 120
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sc, "load_split", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        sc.main(TINY + ["--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
 
 
 def test_small_batch_warns_why(tmp_path):
@@ -781,6 +818,33 @@ def test_expected_mutual_information_grouping_equals_the_plain_sum():
     assert math.isclose(ec.expected_mutual_info(a, b, n, max_terms=1000), plain, rel_tol=1e-9)
 
 
+def authors_overclustering_accuracy(targets, preds):
+    """The authors' ACC, transcribed: Hungarian on the [clusters, classes] count matrix padded to a square,
+    then, when over-clustering, every cluster matched to a padding column takes its majority class."""
+    size = max(targets.max(), preds.max()) + 1
+    count = np.zeros((size, size), dtype=np.int64)
+    np.add.at(count, (preds, targets), 1)
+    rows, cols = linear_sum_assignment(count.max() - count)
+    if len(np.unique(preds)) > len(np.unique(targets)):
+        for cluster in np.unique(preds):
+            if cols[cluster] not in targets:
+                cols[cluster] = count[cluster].argmax()
+    return count[rows, cols].sum() / len(preds)
+
+
+def test_overclustering_accuracy_equals_the_authors_protocol():
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        num_classes, num_clusters = int(rng.integers(3, 12)), int(rng.integers(13, 40))
+        y_true = rng.integers(0, num_classes, 3000)
+        affinity = rng.dirichlet(np.ones(num_clusters) * 0.3, size=num_classes)  # each class spread over clusters
+        y_pred = np.array([rng.choice(num_clusters, p=affinity[c]) for c in y_true])
+        scores = ec.cluster_metrics(y_true, y_pred)
+        assert math.isclose(scores["acc_hungarian_majority"], authors_overclustering_accuracy(y_true, y_pred)), trial
+        assert scores["acc"] <= scores["acc_hungarian_majority"] <= scores["acc_majority"]
+    assert "acc_hungarian_majority" not in ec.cluster_metrics([0, 1, 1], [1, 0, 0])
+
+
 @pytest.mark.parametrize("y_true, y_pred, message", [
     ([0, 1, 2], [0, 1], "3 labels but y_pred has 2"),
     ([], [], "empty"),
@@ -840,6 +904,36 @@ def test_kmeans_reseeds_empty_clusters_and_checks_its_input():
         ec.kmeans(torch.zeros(0, 3), 2)
 
 
+def test_kmeans_baseline_offers_the_authors_protocol(monkeypatch):
+    """raw vs l2-normalised features and a training subset: each option changes what k-means sees."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 2  # two classes = two directions 20 degrees apart, norms from 0.5 to 10
+    angle = labels * 0.35 + 0.02 * torch.randn(400, generator=gen)
+    x = torch.stack([angle.cos(), angle.sin()], 1) * (0.5 + 9.5 * torch.rand(400, 1, generator=gen))
+    l2 = ec.kmeans_baseline(x, x, labels.numpy(), 2, [0])[0]
+    raw = ec.kmeans_baseline(x, x, labels.numpy(), 2, [0], l2_normalise=False)[0]
+    assert l2["acc"] == 1.0 and raw["acc"] < 0.8  # l2: split by direction; raw: split by norm
+    fits, calls, real_kmeans = [], [], ec.kmeans
+    monkeypatch.setattr(ec, "kmeans", lambda x, k, **kw: fits.append((len(x), kw["n_init"])) or real_kmeans(x, k, **kw))
+    subset = ec.kmeans_baseline(x, x, labels.numpy(), 2, [0, 1], train_fraction=0.05, n_init=2, progress=lambda *a: calls.append(a))
+    assert fits == [(20, 2), (20, 2)] and calls == [(1, 2), (2, 2)] and subset[0]["acc"] > 0.9
+
+
+def test_class_map_from_json_or_text_by_name_or_index(tmp_path):
+    names = ["cat", "dog", "car", "truck"]
+    (tmp_path / "map.json").write_text(json.dumps({"cat": "animal", "dog": "animal", "2": "vehicle", "truck": "vehicle"}))
+    (tmp_path / "map.txt").write_text("# fine coarse\ncat animal\n1 animal\ncar vehicle  # a comment\ntruck vehicle\n")
+    for name in ("map.json", "map.txt"):
+        mapping, superclasses = ec.read_class_map(str(tmp_path / name), names)
+        assert mapping.tolist() == [0, 0, 1, 1] and superclasses == ["animal", "vehicle"]
+    (tmp_path / "bad.txt").write_text("cat animal\nhorse animal\n")
+    with pytest.raises(ValueError, match="'horse', which is neither"):
+        ec.read_class_map(str(tmp_path / "bad.txt"), names)
+    (tmp_path / "short.txt").write_text("cat animal\n")
+    with pytest.raises(ValueError, match="no superclass for class 'dog'"):
+        ec.read_class_map(str(tmp_path / "short.txt"), names)
+
+
 def test_cifar100_superclass_table_has_five_fine_classes_each():
     assert len(ec.CIFAR100_SUPERCLASS) == 100
     assert np.bincount(ec.CIFAR100_SUPERCLASS).tolist() == [5] * 20
@@ -858,7 +952,7 @@ def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, cap
     assert saved["head C=10"]["acc"] > 0.6 and "acc_majority" in saved["head C=20"]
     assert saved["k-means backbone (k=10, 2 seeds)"]["acc"]["mean"] > 0.3
     assert rows["head C=10"] == saved["head C=10"]
-    assert len(list(grid_dir.glob("*.png"))) == 10
+    assert 7 <= len(list(grid_dir.glob("*.png"))) <= 10  # one per matched class the 10-class head predicts
 
 
 def test_eval_command_line_baseline_without_checkpoint(tmp_path, capsys):
