@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from scipy.special import gammaln
 
@@ -266,7 +267,7 @@ def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds, l2_nor
 
     Ours (the defaults): l2-normalised features of the whole training split. The authors' k-means table:
     raw features (l2_normalise=False) of a 10 % subset (train_fraction=0.1), scikit-learn's 10 restarts
-    (n_init=10). progress(done, total), when given, is called after each seed."""
+    (n_init=10). progress(done), when given, is called after each seed."""
     train_features, eval_features = torch.as_tensor(train_features).float(), torch.as_tensor(eval_features).float()
     if l2_normalise:
         train_features = torch.nn.functional.normalize(train_features, dim=1)
@@ -281,8 +282,239 @@ def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds, l2_nor
         pred = assign(eval_features, (eval_features ** 2).sum(1), centroids, 1 << 14)[0]
         runs.append(cluster_metrics(np.asarray(eval_labels), pred.numpy()))
         if progress:
-            progress(done, len(seeds))
+            progress(done)
     return runs
+
+
+# =====================================================================================================
+# Probes on frozen features: weighted kNN and a linear (logistic-regression) probe
+# =====================================================================================================
+def check_probe_inputs(train_features, train_labels, test_features, test_labels):
+    """Validate the two labelled splits of a probe; return (train_x, train_y, test_x, test_y) as tensors (features
+    keep their dtype and device, labels become int64 on the CPU) or raise ValueError with a one-line reason."""
+    out = []
+    for split, x, y in (("train", train_features, train_labels), ("test", test_features, test_labels)):
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        if x.ndim != 2:
+            raise ValueError(f"{split}_features must be 2-D [N, D], got shape {tuple(x.shape)}")
+        if y.ndim != 1:
+            raise ValueError(f"{split}_labels must be 1-D, got shape {tuple(y.shape)}")
+        if len(x) != len(y):
+            raise ValueError(f"{split}_features has {len(x)} rows but {split}_labels has {len(y)} labels")
+        if len(x) == 0:
+            raise ValueError(f"the {split} split is empty")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ValueError(f"{split}_labels must hold integer class labels, got dtype {y.dtype}")
+        y = y.cpu().long()
+        if (y == -1).any() and split == "train":  # this project marks unlabelled samples with -1
+            raise ValueError("training labels contain -1 (unlabelled samples); a probe needs labelled training data")
+        if (y == -1).any():
+            raise ValueError("the evaluation split is unlabelled (test labels contain -1); it cannot be scored")
+        if (y < 0).any():
+            raise ValueError(f"{split}_labels must be >= 0, got {int(y.min())}")
+        out += [x, y]
+    if out[0].shape[1] != out[2].shape[1]:
+        raise ValueError(f"train features have {out[0].shape[1]} dims but test features have {out[2].shape[1]}")
+    return out
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200, temperature=0.1,
+                 num_classes=None, chunk_rows=None, device=None):
+    """Weighted kNN accuracy of frozen features (Wu et al. 2018; the protocol of DINO, lightly and solo-learn).
+
+    Both feature sets are l2-normalised, so x.y is the cosine similarity. Each test sample takes its k most similar
+    training samples; neighbour i votes for its label with weight exp(s_i / temperature), and the class with the
+    largest summed vote is the prediction (top-5: the five largest). Weights are computed as
+    exp((s_i - s_max) / temperature), i.e. divided by the constant exp(s_max / temperature) of the test sample,
+    which leaves every ranking unchanged but cannot overflow float32 at small temperatures (exp(1 / 0.01) does).
+    temperature=math.inf gives every neighbour weight 1: the plain majority vote.
+
+    Tie rules (so that, on a given device, the answer depends neither on chunk_rows nor on torch.topk):
+      * neighbours: when several training samples share the k-th largest similarity, the ones with the lowest
+        training index are taken (torch.topk alone may pick any of them);
+      * votes: each class adds its neighbours' weights one at a time, most similar first, so classes that receive
+        the same weights get bitwise-equal sums;
+      * ranking: among equal vote sums the lowest class index ranks first (for top-1 and top-5).
+
+    Memory: the normalised training matrix is held once (float32 on `device`: 10.5 GB for 1.28M x 2048) and test
+    rows go through in chunks of chunk_rows, so at most a [chunk_rows, N_train] similarity matrix exists, never an
+    [N_test, N_train] one. The default chunk keeps it near 2**24 floats (64 MB); on a large GPU a bigger chunk_rows
+    (about 100 for ImageNet) is faster.
+
+    train_features [N, D], test_features [M, D]: arrays or tensors; train_labels [N], test_labels [M]: integer
+    class labels >= 0 (-1, this project's mark for unlabelled, is refused). num_classes defaults to the largest
+    label + 1. Returns {"top1": acc, "top5": acc} with accuracies in [0, 1]; "top5" only with more than 5 classes.
+    """
+    train_x, train_y, test_x, test_y = check_probe_inputs(train_features, train_labels, test_features, test_labels)
+    n_train, n_test = len(train_x), len(test_x)
+    if int(k) != k or not 1 <= k <= n_train:
+        raise ValueError(f"k must be an integer between 1 and the training set size {n_train}, got k={k}")
+    k = int(k)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    largest = int(max(train_y.max(), test_y.max()))
+    num_classes = largest + 1 if num_classes is None else num_classes
+    if num_classes <= largest:
+        raise ValueError(f"num_classes={num_classes} but the labels go up to {largest}")
+    chunk_rows = chunk_rows or max(1, (1 << 24) // max(n_train, num_classes))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # Normalise the training features in blocks straight into one float32 matrix: a single copy, even when the
+    # input is a float64 array or already lives on `device`.
+    train = torch.empty(n_train, train_x.shape[1], dtype=torch.float32, device=device)
+    for start in range(0, n_train, 1 << 16):
+        rows = train_x[start:start + (1 << 16)].to(device, torch.float32)
+        if not torch.isfinite(rows).all():
+            raise ValueError("train_features contain NaN or inf")
+        train[start:start + len(rows)] = F.normalize(rows, dim=1)
+    train_y, test_y = train_y.to(device), test_y.to(device)
+
+    correct1 = correct5 = 0
+    for start in range(0, n_test, chunk_rows):
+        query = test_x[start:start + chunk_rows].to(device, torch.float32)
+        if not torch.isfinite(query).all():
+            raise ValueError("test_features contain NaN or inf")
+        sim = F.normalize(query, dim=1) @ train.T                        # [c, N] cosine similarities
+        sim_k, idx_k = sim.topk(min(k + 1, n_train), dim=1)               # [c, k+1], most similar first
+        if sim_k.shape[1] > k:
+            # The top-k set is ambiguous only where the k-th and (k+1)-th similarities are equal. In those rows keep
+            # every sample above the k-th similarity, then the tied ones in increasing training index up to k.
+            tied = (sim_k[:, k - 1] == sim_k[:, k]).nonzero().flatten()
+            sim_k, idx_k = sim_k[:, :k].contiguous(), idx_k[:, :k].contiguous()
+            if len(tied):
+                s, kth = sim[tied], sim_k[tied, k - 1:k]
+                above, at = s > kth, s == kth
+                keep = above | (at & (at.cumsum(1) <= k - above.sum(1, keepdim=True)))   # exactly k per row
+                idx = keep.nonzero()[:, 1].view(-1, k)                         # increasing training index
+                order = s.gather(1, idx).argsort(dim=1, descending=True)       # back to most similar first
+                idx_k[tied] = idx.gather(1, order)
+                sim_k[tied] = s.gather(1, idx_k[tied])
+        weight = ((sim_k - sim_k[:, :1]) / temperature).exp()             # exp(s_i / T) / exp(s_max / T), in (0, 1]
+        label_k = train_y[idx_k]                                          # [c, k]
+        votes = torch.zeros(len(sim), num_classes, device=device)         # [c, classes]
+        rows = torch.arange(len(sim), device=device)
+        for j in range(k):  # one neighbour at a time, most similar first: no atomics, no order-dependent rounding
+            votes[rows, label_k[:, j]] += weight[:, j]
+        ranking = votes.argsort(dim=1, descending=True, stable=True)[:, :5]  # stable: lowest class wins ties
+        target = test_y[start:start + chunk_rows, None]
+        correct1 += int((ranking[:, :1] == target).sum())
+        correct5 += int((ranking == target).any(1).sum())
+    result = {"top1": correct1 / n_test}
+    if num_classes > 5:
+        result["top5"] = correct5 / n_test
+    return result
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels,
+                 weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2), val_fraction=0.1, max_iter=200, seed=0, device=None):
+    """Linear probe: multinomial logistic regression on frozen features, with the L2 penalty chosen on held-out data.
+
+    Features are standardised with the training split's per-dimension mean and standard deviation (the test split
+    with the same statistics): on CIFAR-10 features of a randomly initialised ResNet-18 this scored 42.6% against
+    41.0-41.2% for l2-normalised variants. The model is logits = x W^T + b, W [classes, D], fitted by minimising
+
+        L(W, b) = (1/n) sum_i CE(softmax(x_i W^T + b), y_i) + (weight_decay / 2) ||W||_F^2      (b not penalised)
+
+    which is scikit-learn's LogisticRegression(C = 1 / (weight_decay * n)). L is smooth and strictly convex in W, so
+    full-batch L-BFGS (strong-Wolfe line search, float32) finds its minimum; a fit stops after max_iter iterations
+    or when an iteration changes the loss or the parameters by less than 1e-6 (about 10 float32 roundings of a loss
+    near 1: further steps move validation accuracy by less than 0.1 point).
+
+    Model selection: a stratified val_fraction of the training split (random within each class, fixed by seed) is
+    held out, and the rest is fitted once per weight decay, from the largest to the smallest, each fit starting from
+    the previous solution (a warm-started regularisation path). The weight decay with the best validation top-1 wins
+    (ties: the larger one); the model is refitted on the whole training split from that solution and scored on the
+    test split. Classes absent from the training split are never predicted; equal logits go to the lowest class.
+    Deterministic for a given seed and device. Holds about three float32 copies of the training features.
+
+    Returns {"top1": test accuracy in [0, 1], "weight_decay": chosen value, "val_top1": {weight_decay: accuracy}}.
+    """
+    train_x, train_y, test_x, test_y = check_probe_inputs(train_features, train_labels, test_features, test_labels)
+    classes = torch.unique(train_y)                                       # sorted; the model predicts only these
+    if len(classes) < 2:
+        raise ValueError(f"the training labels hold {len(classes)} class; a linear probe needs at least 2")
+    if len(weight_decays) == 0 or any(not wd >= 0 for wd in weight_decays):
+        raise ValueError(f"weight_decays must be a non-empty list of numbers >= 0, got {weight_decays}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    x = train_x.to(device, torch.float32)
+    mean, std = x.mean(0), x.std(0)
+    std[std == 0] = 1                                                     # constant dimensions stay 0 after centring
+    x = (x - mean) / std
+    x_test = (test_x.to(device, torch.float32) - mean) / std
+    if not (torch.isfinite(x).all() and torch.isfinite(x_test).all()):
+        raise ValueError("features contain NaN or inf")
+    y = torch.searchsorted(classes, train_y).to(device)                   # labels -> 0..len(classes)-1
+    classes = classes.to(device)
+
+    # Stratified split: shuffle, group by class (stable sort keeps the shuffle inside each class), and send the first
+    # round(val_fraction * n_c) samples of each class (keeping at least one for fitting) to the validation set.
+    gen = torch.Generator().manual_seed(seed)
+    y_cpu = y.cpu()
+    perm = torch.randperm(len(y_cpu), generator=gen)
+    perm = perm[y_cpu[perm].sort(stable=True).indices]
+    counts = torch.bincount(y_cpu)
+    n_val = (counts * val_fraction).round().long().clamp(max=counts - 1)
+    rank_in_class = torch.arange(len(perm)) - (counts.cumsum(0) - counts)[y_cpu[perm]]
+    is_val = rank_in_class < n_val[y_cpu[perm]]
+    if not is_val.any():
+        raise ValueError(f"val_fraction={val_fraction} leaves no validation samples in {len(y_cpu)} training samples")
+    val_idx, fit_idx = perm[is_val].sort().values.to(device), perm[~is_val].sort().values.to(device)
+
+    # Preconditioning. The Hessian of L in W is roughly s M + weight_decay I, with M = x^T x / n (x standardised) and
+    # s ~ 1 / classes the softmax curvature at W = 0; correlated features give it a condition number up to
+    # s lambda_max(M) / weight_decay, over which plain L-BFGS crawls. So L-BFGS optimises V, with W = V diag(d) E^T
+    # where M = E diag(lambda) E^T and d = (s lambda + weight_decay)^(-1/2): in V that quadratic has unit curvature
+    # in every direction. It is a change of variables only: the objective and its minimiser are unchanged.
+    lam, eigvec = torch.linalg.eigh(x.T @ x / len(x))
+    lam = lam.clamp_min(0) / len(classes)
+
+    def fit(features, labels, weight_decay, start):
+        """Minimise L(W, b) from the start (W, b) with full-batch L-BFGS; returns (W [classes, D], b [classes])."""
+        d = (lam + weight_decay).clamp_min(1e-6 * float(lam.max())).rsqrt()
+        basis = eigvec * d                                                # [D, D]: W = V basis^T
+        v, b = start[0] @ (eigvec / d), start[1].clone()                  # V = W E diag(1 / d)
+        optimizer = torch.optim.LBFGS([v, b], lr=1, max_iter=max_iter, history_size=10,
+                                      tolerance_grad=1e-6, tolerance_change=1e-6, line_search_fn="strong_wolfe")
+        rows = torch.arange(len(labels), device=device)
+
+        def closure():
+            # Loss and exact gradient by hand (3x faster on the CPU than autograd, whose x^T g is a slow layout):
+            # with p = softmax(x W^T + b), dL/dlogits = (p - onehot(y)) / n, hence dL/db = sum_i dL/dlogits_i,
+            # dL/dW = (dL/dlogits)^T x + weight_decay W and, through W = V basis^T, dL/dV = dL/dW basis.
+            w = v @ basis.T
+            log_p = F.linear(features, w, b).log_softmax(1)                  # [n, classes]
+            loss = -log_p[rows, labels].mean() + 0.5 * weight_decay * (w * w).sum()
+            dlogits = log_p.exp_()
+            dlogits[rows, labels] -= 1
+            dlogits /= len(labels)
+            v.grad = (dlogits.T @ features + weight_decay * w) @ basis
+            b.grad = dlogits.sum(0)
+            return loss
+
+        optimizer.step(closure)
+        return v @ basis.T, b
+
+    def top1(params, features, labels):
+        """Accuracy of argmax(x W^T + b), mapped back to the original labels (first maximum on ties)."""
+        with torch.no_grad():
+            pred = classes[F.linear(features, *params).argmax(1)]
+        return float((pred == labels).float().mean())
+
+    params = (torch.zeros(len(classes), x.shape[1], device=device), torch.zeros(len(classes), device=device))
+    solutions, val_top1 = {}, {}
+    x_fit, y_fit, x_val, labels_val = x[fit_idx], y[fit_idx], x[val_idx], classes[y[val_idx]]
+    for wd in sorted(weight_decays, reverse=True):                        # strongest regularisation first
+        params = solutions[wd] = fit(x_fit, y_fit, wd, params)
+        val_top1[wd] = top1(params, x_val, labels_val)
+    best = max(sorted(weight_decays, reverse=True), key=lambda wd: val_top1[wd])  # first maximum: the larger wd
+    params = fit(x, y, best, solutions[best])
+    return {"top1": top1(params, x_test, test_y.to(device)), "weight_decay": best,
+            "val_top1": {wd: val_top1[wd] for wd in weight_decays}}
 
 
 # =====================================================================================================

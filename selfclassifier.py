@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from eval_clustering import cluster_metrics
+from eval_clustering import cluster_metrics, knn_accuracy
 
 warnings.filterwarnings("ignore", "torch.distributed.nn.functional.* is deprecated", FutureWarning)
 
@@ -150,6 +150,7 @@ class Config:
     log_every: int = option(50, "steps between log lines", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints (one is always written at each epoch end)", type=positive_float)
     eval_every: int = option(1, "epochs between NMI/ACC evaluations on the test split (0 = never)", type=non_negative_int)
+    knn_every: int = option(-1, "epochs between kNN monitors (top-1 of a k=20 weighted kNN on backbone features, the test split against the training split); -1 = every --eval-every epochs when the training split has at most 100,000 labelled images, 0 = never", type=int)
 
 
 def config_parser():
@@ -855,7 +856,7 @@ def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what=
         out["embedding"].append(z.cpu())
         for head, s in enumerate(model.classify(z)):
             out["predictions"][head].append(s.argmax(1).cpu())
-        out["labels"].append(torch.as_tensor(labels))
+        out["labels"].append(torch.as_tensor(labels).cpu())
         progress(sum(len(l) for l in out["labels"]))
     model.train(was_training)
     return dict(backbone=torch.cat(out["backbone"]), embedding=torch.cat(out["embedding"]),
@@ -1037,6 +1038,8 @@ def train(cfg):
         f"per epoch of {global_batch} images, {len(specs)} views, {world_size()} process(es) on {device}")
 
     total_steps = cfg.epochs * steps_per_epoch
+    labelled_train = sum(l >= 0 for l in getattr(train_set, "targets", []))
+    knn_every = cfg.knn_every if cfg.knn_every >= 0 else (cfg.eval_every if 0 < labelled_train <= 100_000 else 0)
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     saved_step, last_save_time = step, time.time()
@@ -1116,8 +1119,10 @@ def train(cfg):
 
             checkpoint()
             epoch_done = step % steps_per_epoch == 0
-            if is_main and epoch_done and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and all(l >= 0 for l in eval_set.targets):
-                evaluate_heads(raw_model, eval_set, cfg, device, epoch, log)
+            heads_due = bool(cfg.eval_every) and (epoch + 1) % cfg.eval_every == 0
+            knn_due = bool(knn_every) and (epoch + 1) % knn_every == 0
+            if is_main and epoch_done and (heads_due or knn_due) and all(l >= 0 for l in eval_set.targets):
+                evaluate_during_training(raw_model, train_set, eval_set, cfg, device, epoch, log, heads_due, knn_due)
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(specs)} views; "
                         f"try a smaller --batch-size (or fewer --local-crops)") from None
@@ -1128,16 +1133,22 @@ def train(cfg):
     return raw_model
 
 
-def evaluate_heads(model, eval_set, cfg, device, epoch, log):
-    """NMI / ACC on the evaluation split of the head(s) whose C equals the number of true classes."""
-    result = extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device)
-    true_classes = len(eval_set.classes)
-    scores = {c: cluster_metrics(result["labels"].numpy(), pred.numpy())
-              for c, pred in zip(cfg.num_classes, result["predictions"]) if c == true_classes}
-    for c, m in scores.items():
-        log(dict(event="eval", epoch=epoch, head=c, **m),
-            f"epoch {epoch} eval head C{c}: NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
-    return scores
+def evaluate_during_training(model, train_set, eval_set, cfg, device, epoch, log, heads=True, knn=False):
+    """Monitors on the evaluation split, without augmentation. heads: NMI / ACC / ARI of the head(s) whose C equals
+    the number of true classes. knn: is the representation improving? Top-1 of a weighted kNN (k = 20) on backbone
+    features, the labelled training images as neighbours."""
+    test = extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "test features")
+    for c, pred in zip(cfg.num_classes, test["predictions"]):
+        if heads and c == len(eval_set.classes):
+            m = cluster_metrics(test["labels"].numpy(), pred.numpy())
+            log(dict(event="eval", epoch=epoch, head=c, **m),
+                f"epoch {epoch} eval head C{c}: NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
+    if knn:
+        train = extract(model, train_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "kNN training features")
+        labelled = train["labels"] >= 0
+        top1 = knn_accuracy(train["backbone"][labelled], train["labels"][labelled], test["backbone"], test["labels"],
+                            k=min(20, int(labelled.sum())), device=device)["top1"]
+        log(dict(event="knn", epoch=epoch, k=20, top1=top1), f"epoch {epoch} kNN (k=20, backbone features) top-1 {100 * top1:.1f}")
 
 
 def main(argv=None):

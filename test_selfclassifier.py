@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
+from scipy.optimize import linear_sum_assignment, minimize
 from torchvision.transforms.v2 import functional as TF
 
 import eval_clustering as ec
@@ -456,7 +456,7 @@ LEARN = ["--dataset", "synthetic", "--stem", "imagenet", "--epochs", "8", "--bat
 def trained(tmp_path_factory):
     """The README's CPU smoke run, trained once for the tests that need a real checkpoint."""
     out = tmp_path_factory.mktemp("synthetic")
-    sc.train(sc.parse_config(LEARN + ["--out-dir", str(out)]))
+    sc.train(sc.parse_config(LEARN + ["--knn-every", "8", "--out-dir", str(out)]))
     return out
 
 
@@ -464,6 +464,8 @@ def test_cpu_run_on_synthetic_data_learns_the_classes(trained):
     records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["event"] == "eval"]
     assert len(evals) == 8 and all(r["head"] == 10 for r in evals)
+    knn = [r for r in records if r["event"] == "knn"]  # the representation monitor, here only after the last epoch
+    assert [r["epoch"] for r in knn] == [7] and knn[0]["top1"] > 0.6
     assert evals[-1]["acc"] > 0.6 and evals[-1]["nmi"] > 0.6, evals[-1]  # chance: ACC 0.1, NMI 0
     train_lines = [r for r in records if r["event"] == "train"]
     last = train_lines[-1]  # far from collapse (1 class); how many of the 10 are used depends on the torch version
@@ -916,7 +918,7 @@ def test_kmeans_baseline_offers_the_authors_protocol(monkeypatch):
     fits, calls, real_kmeans = [], [], ec.kmeans
     monkeypatch.setattr(ec, "kmeans", lambda x, k, **kw: fits.append((len(x), kw["n_init"])) or real_kmeans(x, k, **kw))
     subset = ec.kmeans_baseline(x, x, labels.numpy(), 2, [0, 1], train_fraction=0.05, n_init=2, progress=lambda *a: calls.append(a))
-    assert fits == [(20, 2), (20, 2)] and calls == [(1, 2), (2, 2)] and subset[0]["acc"] > 0.9
+    assert fits == [(20, 2), (20, 2)] and calls == [(1,), (2,)] and subset[0]["acc"] > 0.9
 
 
 def test_class_map_from_json_or_text_by_name_or_index(tmp_path):
@@ -940,6 +942,248 @@ def test_cifar100_superclass_table_has_five_fine_classes_each():
 
 
 # =====================================================================================================
+# eval_clustering: weighted kNN
+# =====================================================================================================
+def brute_force_knn(train_x, train_y, test_x, test_y, k, temperature, num_classes):
+    """The weighted kNN vote written out with Python loops in float64, with ec.knn_accuracy's documented tie rules:
+    equal similarities -> lower training index first; equal vote sums -> lower class first. Returns
+    (top1, top5, number of test samples whose top-1 vote was a tie)."""
+    train = [v / np.linalg.norm(v) for v in np.asarray(train_x, dtype=np.float64)]
+    top1 = top5 = ties = 0
+    for q, label in zip(np.asarray(test_x, dtype=np.float64), test_y):
+        q = q / np.linalg.norm(q)
+        sims = [float(q @ t) for t in train]
+        neighbours = sorted(range(len(train)), key=lambda i: (-sims[i], i))[:k]
+        votes = [0.0] * num_classes
+        for i in neighbours:                                      # most similar first
+            votes[train_y[i]] += math.exp(sims[i] / temperature)  # the textbook weight (no max-shift)
+        ranking = sorted(range(num_classes), key=lambda c: (-votes[c], c))
+        top1 += ranking[0] == label
+        top5 += label in ranking[:5]
+        ties += votes[ranking[0]] == votes[ranking[1]]
+    return top1 / len(test_y), top5 / len(test_y), ties
+
+
+def sign_data(n_train=40, n_test=30, classes=7, seed=0):
+    """Features in {-1, +1}^4: only 16 distinct points, so similarities repeat (all exactly representable: the
+    normalised entries are +-1/2) and both the k-th neighbour and the class votes tie often."""
+    rng = np.random.default_rng(seed)
+    return (rng.choice([-1.0, 1.0], (n_train, 4)), rng.integers(0, classes, n_train),
+            rng.choice([-1.0, 1.0], (n_test, 4)), rng.integers(0, classes, n_test))
+
+
+def gaussian_data(n_train=60, n_test=25, dim=8, classes=7, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n_train, dim)), rng.integers(0, classes, n_train),
+            rng.normal(size=(n_test, dim)), rng.integers(0, classes, n_test))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 60])
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_knn_matches_brute_force(k, temperature):
+    data = gaussian_data()
+    top1, top5, _ = brute_force_knn(*data, k=k, temperature=temperature, num_classes=7)
+    assert ec.knn_accuracy(*data, k=k, temperature=temperature, device="cpu") == {"top1": top1, "top5": top5}
+
+
+@pytest.mark.parametrize("k", [1, 4, 6, 10, 40])
+@pytest.mark.parametrize("temperature", [0.005, 0.5, math.inf])
+def test_knn_matches_brute_force_with_ties(k, temperature):
+    """Tied similarities at the k-th neighbour and tied vote sums, per test sample (each call scores one sample,
+    so a tie broken the other way changes the answer). temperature=inf is the plain majority vote; at 0.005 the
+    textbook weight exp(s / T) would overflow float32 (exp(200))."""
+    train_x, train_y, test_x, test_y = sign_data()
+    total_ties = 0
+    for i in range(len(test_y)):
+        top1, top5, ties = brute_force_knn(train_x, train_y, test_x[i:i + 1], test_y[i:i + 1], k, temperature, 7)
+        total_ties += ties
+        got = ec.knn_accuracy(train_x, train_y, test_x[i:i + 1], test_y[i:i + 1], k=k, temperature=temperature,
+                           num_classes=7, device="cpu")
+        assert got == {"top1": top1, "top5": top5}, f"test sample {i}"
+    if 1 < k < len(train_y):
+        assert total_ties > 0  # the data really exercises the vote tie rule
+    assert ec.knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=temperature, device="cpu") == {
+        "top1": brute_force_knn(train_x, train_y, test_x, test_y, k, temperature, 7)[0],
+        "top5": brute_force_knn(train_x, train_y, test_x, test_y, k, temperature, 7)[1]}
+
+
+def test_k1_is_nearest_neighbour():
+    """With k=1 and every training sample its own class, top-1 = 1 exactly when each test sample is labelled with
+    the index of its most cosine-similar training sample."""
+    rng = np.random.default_rng(1)
+    train_x, test_x = rng.normal(size=(50, 16)) * rng.uniform(0.1, 10, (50, 1)), rng.normal(size=(40, 16))
+    cosine = (test_x / np.linalg.norm(test_x, axis=1, keepdims=True)) @ (
+        train_x / np.linalg.norm(train_x, axis=1, keepdims=True)).T
+    nearest = cosine.argmax(1)
+    assert ec.knn_accuracy(train_x, np.arange(50), test_x, nearest, k=1, device="cpu")["top1"] == 1.0
+    assert ec.knn_accuracy(train_x, np.arange(50), test_x, (nearest + 1) % 50, k=1, device="cpu")["top1"] == 0.0
+
+
+@pytest.mark.parametrize("make_data, k", [(gaussian_data, 10), (sign_data, 6)])
+def test_knn_chunk_size_independent(make_data, k):
+    data = make_data(n_test=30)
+    results = [ec.knn_accuracy(*data, k=k, chunk_rows=rows, device="cpu") for rows in (1, 7, None)]
+    assert results[0] == results[1] == results[2]
+
+
+def test_temperature_weighting_matters():
+    """Query (1, 0); class 0 has one very close neighbour, class 1 two farther ones, a class-2 sample is far away.
+    With k=3 a low temperature lets the close neighbour outvote the two others; a huge one is a majority vote."""
+    train_x = np.array([[1.0, 0.05], [1.0, 1.0], [1.0, -1.0], [-1.0, 0.0]])
+    train_y = np.array([0, 1, 1, 2])
+    query = np.array([[1.0, 0.0]])
+    assert ec.knn_accuracy(train_x, train_y, query, [0], k=3, temperature=0.1, device="cpu")["top1"] == 1.0
+    assert ec.knn_accuracy(train_x, train_y, query, [1], k=3, temperature=1e6, device="cpu")["top1"] == 1.0
+    assert ec.knn_accuracy(train_x, train_y, query, [1], k=3, temperature=math.inf, device="cpu")["top1"] == 1.0
+
+
+def test_knn_top5_only_with_more_than_five_classes():
+    train_x, train_y, test_x, test_y = gaussian_data(classes=5)
+    assert set(ec.knn_accuracy(train_x, train_y, test_x, test_y, k=5, num_classes=5, device="cpu")) == {"top1"}
+    assert set(ec.knn_accuracy(train_x, train_y, test_x, test_y, k=5, num_classes=6, device="cpu")) == {"top1", "top5"}
+
+
+# =====================================================================================================
+# eval_clustering: linear probe
+# =====================================================================================================
+def probe_blobs(n, dim, classes, spread, seed):
+    """Gaussian blobs around fixed class means (the same means for every seed) with unequal feature scales."""
+    means = np.random.default_rng(123).normal(size=(classes, dim)) * 3
+    scales = np.random.default_rng(321).uniform(0.1, 10, dim)
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    return (means[y] + spread * rng.normal(size=(n, dim))) * scales, y
+
+
+def test_linear_probe_separates_separable_data():
+    train_x, train_y = probe_blobs(400, 6, 4, spread=0.3, seed=0)
+    test_x, test_y = probe_blobs(200, 6, 4, spread=0.3, seed=1)
+    result = ec.linear_probe(train_x, train_y, test_x, test_y, device="cpu")
+    assert result["top1"] == 1.0
+    assert all(acc == 1.0 for acc in result["val_top1"].values())
+
+
+def test_linear_probe_deterministic_and_picks_from_grid():
+    train_x, train_y = probe_blobs(600, 30, 5, spread=12.0, seed=0)    # overlapping classes: accuracies depend on the split
+    test_x, test_y = probe_blobs(300, 30, 5, spread=12.0, seed=1)
+    grid = (1e-4, 1e-2, 1.0, 30.0)
+    first = ec.linear_probe(train_x, train_y, test_x, test_y, weight_decays=grid, seed=0, device="cpu")
+    assert first == ec.linear_probe(train_x, train_y, test_x, test_y, weight_decays=grid, seed=0, device="cpu")
+    assert first["val_top1"] != ec.linear_probe(train_x, train_y, test_x, test_y, weight_decays=grid, seed=1,
+                                             device="cpu")["val_top1"]  # the seed does choose the split
+    assert list(first["val_top1"]) == list(grid)
+    val = first["val_top1"]
+    assert first["weight_decay"] == max(sorted(grid, reverse=True), key=val.get)  # best; ties -> larger
+    assert val[1e-4] == val[1e-2] > val[1.0] > val[30.0] and first["weight_decay"] == 1e-2  # here a tie for best
+    assert 0.4 < first["top1"] < 1.0
+
+
+def reference_probe(train_x, train_y, test_x, test_y, weight_decay):
+    """The documented objective minimised independently: float64, scipy's L-BFGS-B with finite-difference gradients,
+    features standardised with the training mean and (n - 1) standard deviation. Returns the test top-1."""
+    mean, std = train_x.mean(0), train_x.std(0, ddof=1)
+    x, x_test = (train_x - mean) / std, (test_x - mean) / std
+    classes, dim = train_y.max() + 1, x.shape[1]
+
+    def loss(theta):
+        w, b = theta[:classes * dim].reshape(classes, dim), theta[classes * dim:]
+        logits = x @ w.T + b
+        log_norm = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+        return np.mean(log_norm - logits[np.arange(len(x)), train_y]) + weight_decay / 2 * np.sum(w ** 2)
+
+    theta = minimize(loss, np.zeros(classes * (dim + 1)), method="L-BFGS-B", options=dict(ftol=1e-14, gtol=1e-9)).x
+    w, b = theta[:classes * dim].reshape(classes, dim), theta[classes * dim:]
+    return np.mean((x_test @ w.T + b).argmax(1) == test_y)
+
+
+def test_linear_probe_reaches_the_minimum_of_its_objective():
+    """Imbalanced, overlapping classes (so the bias and the penalty matter); one weight decay, so the refit on the
+    whole training split alone decides the test score; val_fraction=0.5 makes the validation-split fit differ."""
+    rng = np.random.default_rng(5)
+    means, scales = rng.normal(size=(3, 6)) * 0.8, rng.uniform(0.2, 5, 6)
+
+    def sample(n):
+        y = rng.choice(3, n, p=[0.7, 0.2, 0.1])
+        return (means[y] + rng.normal(size=(n, 6))) * scales + 3, y
+
+    (train_x, train_y), (test_x, test_y) = sample(300), sample(2000)
+    for weight_decay in (1e-3, 3e-2):
+        expected = reference_probe(train_x, train_y, test_x, test_y, weight_decay)
+        got = ec.linear_probe(train_x, train_y, test_x, test_y, weight_decays=(weight_decay,), val_fraction=0.5,
+                           device="cpu")["top1"]
+        assert abs(got - expected) <= 2 / len(test_y), (weight_decay, got, expected)
+
+
+def test_linear_probe_ignores_feature_scale_and_offset():
+    """Standardisation makes the probe invariant to a per-dimension affine rescaling of the features."""
+    train_x, train_y = probe_blobs(300, 8, 3, spread=2.0, seed=0)
+    test_x, test_y = probe_blobs(200, 8, 3, spread=2.0, seed=1)
+    scale, shift = np.linspace(0.01, 100, 8), np.linspace(-50, 50, 8)
+    a = ec.linear_probe(train_x, train_y, test_x, test_y, device="cpu")
+    b = ec.linear_probe(train_x * scale + shift, train_y, test_x * scale + shift, test_y, device="cpu")
+    assert a["weight_decay"] == b["weight_decay"] and abs(a["top1"] - b["top1"]) <= 0.01
+
+
+def test_accepts_numpy_and_tensors():
+    data = gaussian_data()
+    as_tensors = [torch.as_tensor(a) for a in data]
+    assert ec.knn_accuracy(*data, k=5, device="cpu") == ec.knn_accuracy(*as_tensors, k=5, device="cpu")
+    train_x, train_y = probe_blobs(200, 5, 3, spread=2.0, seed=0)
+    as_float32 = (torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(train_y),
+                  torch.as_tensor(train_x[:50], dtype=torch.float32), torch.as_tensor(train_y[:50]))
+    assert ec.linear_probe(*as_float32, device="cpu") == ec.linear_probe(train_x, train_y, train_x[:50], train_y[:50],
+                                                                   device="cpu")
+
+
+# =====================================================================================================
+# eval_clustering: probes refuse bad input in one line
+# =====================================================================================================
+def good_inputs():
+    rng = np.random.default_rng(0)
+    return dict(train_features=rng.normal(size=(20, 4)), train_labels=np.arange(20) % 3,
+                test_features=rng.normal(size=(10, 4)), test_labels=np.arange(10) % 3)
+
+
+BAD_INPUTS = [  # (changes to the good inputs, expected message fragment)
+    (dict(train_features=np.zeros(20)), "must be 2-D"),
+    (dict(test_features=np.zeros((10, 4, 1))), "must be 2-D"),
+    (dict(test_features=np.zeros((10, 5))), "4 dims but test features have 5"),
+    (dict(train_labels=np.arange(19) % 3), "20 rows but train_labels has 19"),
+    (dict(test_labels=np.arange(11) % 3), "10 rows but test_labels has 11"),
+    (dict(train_features=np.zeros((0, 4)), train_labels=np.zeros(0, dtype=int)), "train split is empty"),
+    (dict(test_features=np.zeros((0, 4)), test_labels=np.zeros(0, dtype=int)), "test split is empty"),
+    (dict(train_labels=np.r_[-1, np.arange(19) % 3]), "training labels contain -1"),
+    (dict(test_labels=np.full(10, -1)), "evaluation split is unlabelled"),
+    (dict(train_labels=np.r_[-2, np.arange(19) % 3]), "must be >= 0"),
+    (dict(train_labels=np.arange(20) % 3 * 1.0), "integer class labels"),
+]
+KNN_ONLY = [
+    (dict(k=0), "k must be"),
+    (dict(k=21), "k must be"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(temperature=-0.1), "temperature must be > 0"),
+    (dict(num_classes=2), "num_classes=2"),
+]
+PROBE_ONLY = [
+    (dict(train_labels=np.ones(20, dtype=int)), "at least 2"),
+    (dict(val_fraction=0.0), "val_fraction"),
+    (dict(weight_decays=()), "weight_decays"),
+]
+
+
+@pytest.mark.parametrize("function, changes, message",
+                         [(ec.knn_accuracy, c, m) for c, m in BAD_INPUTS + KNN_ONLY]
+                         + [(ec.linear_probe, c, m) for c, m in BAD_INPUTS + PROBE_ONLY])
+def test_bad_input_one_line_value_error(function, changes, message):
+    kwargs = {**good_inputs(), **changes}
+    if function is ec.knn_accuracy:
+        kwargs.setdefault("k", 5)
+    with pytest.raises(ValueError, match=message) as info:
+        function(**kwargs, device="cpu")
+    assert "\n" not in str(info.value)
+
+
+# =====================================================================================================
 # eval_clustering: command line
 # =====================================================================================================
 def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, capsys):
@@ -952,15 +1196,26 @@ def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, cap
     assert saved["head C=10"]["acc"] > 0.6 and "acc_majority" in saved["head C=20"]
     assert saved["k-means backbone (k=10, 2 seeds)"]["acc"]["mean"] > 0.3
     assert rows["head C=10"] == saved["head C=10"]
+    assert "kNN k=20 (backbone)" in table and "linear probe (backbone)" in table and "top-1" in table
+    assert saved["kNN k=200 (backbone)"]["top1"] > 0.5 and saved["linear probe (backbone)"]["top1"] > 0.5  # chance 0.1
+    assert saved["head C=20"]["acc"] <= saved["head C=20"]["acc_hungarian_majority"] <= saved["head C=20"]["acc_majority"]
     assert 7 <= len(list(grid_dir.glob("*.png"))) <= 10  # one per matched class the 10-class head predicts
 
 
 def test_eval_command_line_baseline_without_checkpoint(tmp_path, capsys):
     weights = tmp_path / "r18.pth"
     torch.save({"module." + k: v for k, v in sc.build_model(sc.parse_config(["--stem", "imagenet"])).backbone.state_dict().items()}, weights)
-    ec.main(["--arch", "resnet18", "--stem", "imagenet", "--weights", str(weights), "--dataset", "synthetic", "--kmeans-seeds", "1",
-             "--workers", "0", "--device", "cpu", "--batch-size", "1000"])
-    assert "k-means backbone (k=10, 1 seeds)" in capsys.readouterr().out
+    rows = ec.main(["--arch", "resnet18", "--stem", "imagenet", "--weights", str(weights), "--dataset", "synthetic",
+                    "--kmeans-seeds", "1", "--no-linear-probe", "--workers", "0", "--device", "cpu", "--batch-size", "1000"])
+    out = capsys.readouterr().out
+    assert "k-means backbone (k=10, l2, 1 seeds)" in out and "kNN k=200 (backbone)" in out and "linear probe" not in out
+    assert rows["kNN k=20 (backbone)"]["top1"] > 0.1  # even random features beat chance on these textures
+
+
+def test_eval_command_line_refuses_unknown_datasets(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ec.parse_args(["--checkpoint", "ckpt.pt", "--dataset", "mnist"])
+    assert exit_info.value.code == 2 and "invalid choice: 'mnist'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("make, message", [
