@@ -490,15 +490,18 @@ class SelfClassifier(nn.Module):
         return self.backbone((images - self.pixel_mean) / self.pixel_std)
 
     def embed(self, features):
-        """Projection MLP, l2-normalised, in float32 even under autocast: [B, feature_dim] -> [B, embed_dim]."""
+        """Projection MLP, l2-normalised, in the parameters' float32 even under autocast: [B, feature_dim] ->
+        [B, embed_dim]."""
         with torch.autocast(features.device.type, enabled=False):
-            return F.normalize(self.projector(features.float()), dim=1, eps=1e-7)  # the authors' eps
+            features = features.to(self.projector[0].weight.dtype)
+            return F.normalize(self.projector(features), dim=1, eps=1e-7)  # the authors' eps
 
     def classify(self, z):
-        """Logits of every head in float32 even under autocast (the column softmax divides them by col_tau, which
-        would multiply bf16 rounding errors by 20): [B, embed_dim] -> list of [B, C]."""
+        """Logits of every head in the parameters' float32 even under autocast (the column softmax divides them by
+        col_tau, which would multiply bf16 rounding errors by 20): [B, embed_dim] -> list of [B, C]."""
         with torch.autocast(z.device.type, enabled=False):
-            return [head(z.float()) for head in self.heads]
+            z = z.to(self.projector[0].weight.dtype)
+            return [head(z) for head in self.heads]
 
     def forward(self, views):
         """views: list of [B, 3, h, w] -> (embeddings: list over views of [B, D],

@@ -35,6 +35,18 @@ def tiny(tmp_path, *extra):
     return sc.parse_config(TINY + ["--out-dir", str(tmp_path)] + list(extra))
 
 
+@pytest.fixture
+def short_epochs(monkeypatch):
+    """The synthetic training split cut to 256 images: TINY's epochs are 4 steps long."""
+    full = sc.make_synthetic
+
+    def first_256(train):
+        data = full(train)
+        return sc.ImageArray(data.images[:256], data.labels[:256], data.classes) if train else data
+
+    monkeypatch.setattr(sc, "make_synthetic", first_256)
+
+
 # =====================================================================================================
 # 1. Config and command line
 # =====================================================================================================
@@ -448,7 +460,7 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine():
 # =====================================================================================================
 # 9-12. Training loop, logging, checkpoints, failure handling
 # =====================================================================================================
-LEARN = ["--dataset", "synthetic", "--stem", "imagenet", "--epochs", "8", "--batch-size", "128", "--hidden-dim", "512",
+LEARN = ["--dataset", "synthetic", "--stem", "imagenet", "--epochs", "4", "--batch-size", "128", "--hidden-dim", "512",
          "--num-classes", "10", "20", "--warmup-epochs", "1", "--local-crops", "0", "--lr", "1.0", "--log-every", "15"]
 
 
@@ -456,16 +468,16 @@ LEARN = ["--dataset", "synthetic", "--stem", "imagenet", "--epochs", "8", "--bat
 def trained(tmp_path_factory):
     """The README's CPU smoke run, trained once for the tests that need a real checkpoint."""
     out = tmp_path_factory.mktemp("synthetic")
-    sc.train(sc.parse_config(LEARN + ["--knn-every", "8", "--out-dir", str(out)]))
+    sc.train(sc.parse_config(LEARN + ["--knn-every", "4", "--out-dir", str(out)]))
     return out
 
 
 def test_cpu_run_on_synthetic_data_learns_the_classes(trained):
     records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["event"] == "eval"]
-    assert len(evals) == 8 and all(r["head"] == 10 for r in evals)
+    assert len(evals) == 4 and all(r["head"] == 10 for r in evals)
     knn = [r for r in records if r["event"] == "knn"]  # the representation monitor, here only after the last epoch
-    assert [r["epoch"] for r in knn] == [7] and knn[0]["top1"] > 0.6
+    assert [r["epoch"] for r in knn] == [3] and knn[0]["top1"] > 0.6
     assert evals[-1]["acc"] > 0.6 and evals[-1]["nmi"] > 0.6, evals[-1]  # chance: ACC 0.1, NMI 0
     train_lines = [r for r in records if r["event"] == "train"]
     last = train_lines[-1]  # far from collapse (1 class); how many of the 10 are used depends on the torch version
@@ -477,7 +489,7 @@ def test_cpu_run_on_synthetic_data_learns_the_classes(trained):
 def test_checkpoint_holds_everything_and_loads_with_prefixes(trained):
     state = torch.load(trained / "ckpt.pt", weights_only=False)
     assert {"model", "optimizer", "scaler", "queue", "step", "config"} <= set(state)
-    assert state["step"] == 8 * 15 and state["config"]["num_classes"] == [10, 20]
+    assert state["step"] == 4 * 15 and state["config"]["num_classes"] == [10, 20]
     prefixed = {"module._orig_mod." + k: v for k, v in state["model"].items()}
     model, cfg = sc.model_from_checkpoint(dict(state, model=prefixed))
     assert cfg.hidden_dim == 512 and not (trained / "ckpt.pt.tmp").exists()
@@ -486,8 +498,8 @@ def test_checkpoint_holds_everything_and_loads_with_prefixes(trained):
 def test_a_finished_run_started_again_says_so_and_exits_0(trained, tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
     sc.main(LEARN + ["--out-dir", str(tmp_path)])
-    assert "already trained 8 epochs (120 steps)" in capsys.readouterr().out
-    assert sc.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 120
+    assert "already trained 4 epochs (60 steps)" in capsys.readouterr().out
+    assert sc.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 60
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
@@ -505,13 +517,13 @@ def test_small_batch_warns_why(tmp_path):
         sc.train(tiny(tmp_path, "--batch-size", "8", "--num-classes", "10", "20", "--max-steps", "1", "--queue-len", "0"))
 
 
-def test_resume_is_exact_even_from_the_middle_of_an_epoch(tmp_path):
+def test_resume_is_exact_even_from_the_middle_of_an_epoch(tmp_path, short_epochs):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    sc.train(tiny(straight, "--max-steps", "40"))      # 31 steps per epoch: epoch 0 and 9 steps of epoch 1
-    sc.train(tiny(stopped, "--max-steps", "20"))       # stop in the middle of epoch 0 ...
-    sc.train(tiny(stopped, "--max-steps", "40"))       # ... and resume from out_dir/ckpt.pt
+    sc.train(tiny(straight, "--max-steps", "6", "--queue-len", "128"))  # 4 steps per epoch: epoch 0, 2 steps of epoch 1
+    sc.train(tiny(stopped, "--max-steps", "3", "--queue-len", "128"))   # stop in the middle of epoch 0 ...
+    sc.train(tiny(stopped, "--max-steps", "6", "--queue-len", "128"))   # ... and resume from out_dir/ckpt.pt
     a, b = (torch.load(d / "ckpt.pt", weights_only=False) for d in (straight, stopped))
-    assert a["step"] == b["step"] == 40
+    assert a["step"] == b["step"] == 6 and int(a["queue"]["pushed"]) == 6 * 64  # the queue is full from step 2
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["queue"]:
@@ -546,19 +558,19 @@ def test_truncated_or_foreign_checkpoint_gives_one_line_error(tmp_path, content,
         sc.load_checkpoint(tmp_path / "nothing.pt")
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, short_epochs):
     real_loss, calls = sc.self_classifier_loss, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if len(calls) > 2 * 40 else loss  # 2 heads per step: step 40 goes bad
+        return loss * float("nan") if len(calls) > 2 * 6 else loss  # 2 heads per step: step 6 goes bad
 
     monkeypatch.setattr(sc, "self_classifier_loss", poisoned)
-    with pytest.raises(sc.UserError, match="loss is nan at step 40"):
-        sc.train(tiny(tmp_path))
+    with pytest.raises(sc.UserError, match="loss is nan at step 6"):
+        sc.train(tiny(tmp_path))  # 4 steps per epoch
     state = sc.load_checkpoint(tmp_path / "ckpt.pt")
-    assert state["step"] == 31 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, monkeypatch):
@@ -674,26 +686,45 @@ def test_training_can_start_from_the_authors_checkpoint(tmp_path):
 # =====================================================================================================
 # Distributed equivalence: two gloo processes == one process on the concatenated batch
 # =====================================================================================================
-def ddp_step(rank, world, init_file, out_file, mutant):
-    """One training step on rank `rank` of `world` (world 1 = the reference on the whole batch), in float64:
-    BatchNorm over 8 tiny images is ill-conditioned enough that float32 rounding differs by ~1% between the two
-    summation orders, which would hide real mistakes behind a loose tolerance."""
+MUTANTS = ("none", "gather_without_grad", "local_batch_normalisation", "wrong_target_rows")
+
+
+def ddp_steps(rank, world, init_file, out_dir, mutants):
+    """One training step per mutant on rank `rank` of `world` (world 1 = the reference on the whole batch), in
+    float64: BatchNorm over 8 tiny images is ill-conditioned enough that float32 rounding differs by ~1% between
+    the two summation orders, which would hide real mistakes behind a loose tolerance. Rank 0 saves each result."""
     import torch.distributed as dist
+    threads, default_dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
-    default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        if mutant == "gather_without_grad":  # the usual mistake: other ranks' logits as constants
-            def gather_keeping_only_local_grad(x):
-                parts = list(sc.gather(x.detach()).chunk(world))
-                parts[rank] = x
-                return torch.cat(parts)
-            sc.gather_with_grad = gather_keeping_only_local_grad
-        elif mutant == "local_batch_normalisation":
-            sc.gather_with_grad, sc.rank = (lambda x: x), (lambda: 0)
-        elif mutant == "wrong_target_rows":  # every rank keeps rank 0's rows of the global target
-            sc.rank = lambda: 0
+    originals = sc.gather_with_grad, sc.rank
+    try:
+        for mutant in mutants:
+            if mutant == "gather_without_grad":  # the usual mistake: other ranks' logits as constants
+                def gather_keeping_only_local_grad(x):
+                    parts = list(sc.gather(x.detach()).chunk(world))
+                    parts[rank] = x
+                    return torch.cat(parts)
+                sc.gather_with_grad = gather_keeping_only_local_grad
+            elif mutant == "local_batch_normalisation":
+                sc.gather_with_grad, sc.rank = (lambda x: x), (lambda: 0)
+            elif mutant == "wrong_target_rows":  # every rank keeps rank 0's rows of the global target
+                sc.rank = lambda: 0
+            result = one_ddp_step(rank, world)
+            if rank == 0:
+                torch.save(result, Path(out_dir) / f"{mutant}-world{world}.pt")
+            sc.gather_with_grad, sc.rank = originals
+    finally:
+        sc.gather_with_grad, sc.rank = originals
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(default_dtype)
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def one_ddp_step(rank, world):
     cfg = sc.parse_config(["--hidden-dim", "32", "--num-classes", "4", "6", "--global-size", "16", "--local-crops", "1",
                            "--local-size", "8", "--stem", "imagenet", "--lr", "0.5"])
     torch.manual_seed(0)
@@ -710,18 +741,8 @@ def ddp_step(rank, world, init_file, out_file, mutant):
     index = torch.arange(8)[rows]
     loss, _, _ = sc.train_step(model, raw, optimizer, scaler, [v[rows] for v in views], index, index, None, cfg, None)
     loss = sc.all_reduce_sum(loss.clone()) / world
-    if rank == 0:
-        torch.save(dict(loss=loss, grads={n: p.grad for n, p in raw.named_parameters()},
-                        params={n: p.detach() for n, p in raw.named_parameters()}), out_file)
-    if world > 1:
-        dist.destroy_process_group()
-    torch.set_default_dtype(default_dtype)
-
-
-def run_ddp(tmp_path, mutant):
-    out = tmp_path / f"{mutant}.pt"
-    torch.multiprocessing.spawn(ddp_step, args=(2, str(tmp_path / f"init-{mutant}"), str(out), mutant), nprocs=2)
-    return torch.load(out, weights_only=False)
+    return dict(loss=loss, grads={n: p.grad for n, p in raw.named_parameters()},
+                params={n: p.detach() for n, p in raw.named_parameters()})
 
 
 def ddp_matches(reference, result):
@@ -732,12 +753,13 @@ def ddp_matches(reference, result):
 
 
 def test_two_process_ddp_step_equals_one_process_on_the_whole_batch(tmp_path):
-    ddp_step(0, 1, None, str(tmp_path / "single.pt"), None)
-    reference = torch.load(tmp_path / "single.pt", weights_only=False)
-    assert ddp_matches(reference, run_ddp(tmp_path, "none"))
+    ddp_steps(0, 1, None, tmp_path, ["none"])
+    torch.multiprocessing.spawn(ddp_steps, args=(2, str(tmp_path / "init"), tmp_path, MUTANTS), nprocs=2)
+    reference = torch.load(tmp_path / "none-world1.pt", weights_only=False)
+    assert ddp_matches(reference, torch.load(tmp_path / "none-world2.pt", weights_only=False))
     # the comparison is sharp enough to catch each classic mistake
-    for mutant in ("gather_without_grad", "local_batch_normalisation", "wrong_target_rows"):
-        assert not ddp_matches(reference, run_ddp(tmp_path, mutant)), mutant
+    for mutant in MUTANTS[1:]:
+        assert not ddp_matches(reference, torch.load(tmp_path / f"{mutant}-world2.pt", weights_only=False)), mutant
 
 
 # =====================================================================================================
@@ -1194,7 +1216,7 @@ def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, cap
     assert "head C=10" in table and "head C=20" in table and "k-means backbone" in table and "k-means projection" in table
     saved = json.loads(out_json.read_text())["scores"]
     assert saved["head C=10"]["acc"] > 0.6 and "acc_majority" in saved["head C=20"]
-    assert saved["k-means backbone (k=10, 2 seeds)"]["acc"]["mean"] > 0.3
+    assert saved["k-means backbone (k=10, l2, 2 seeds)"]["acc"]["mean"] > 0.3
     assert rows["head C=10"] == saved["head C=10"]
     assert "kNN k=20 (backbone)" in table and "linear probe (backbone)" in table and "top-1" in table
     assert saved["kNN k=200 (backbone)"]["top1"] > 0.5 and saved["linear probe (backbone)"]["top1"] > 0.5  # chance 0.1
@@ -1223,9 +1245,10 @@ def test_eval_command_line_refuses_unknown_datasets(capsys):
     (lambda p: p.write_bytes(b"garbage"), "cannot read checkpoint"),
     (lambda p: torch.save({"state_dict": {}}, p), "not a Self-Classifier checkpoint"),
 ])
-def test_eval_command_line_refuses_bad_checkpoints_in_one_line(tmp_path, make, message):
+def test_eval_command_line_refuses_bad_checkpoints_in_one_line(tmp_path, make, message, capsys):
     path = tmp_path / "ckpt.pt"
     make(path)
-    result = subprocess.run([sys.executable, str(HERE / "eval_clustering.py"), "--checkpoint", str(path)],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:  # an uncaught exception (a traceback) would fail the test
+        ec.main(["--checkpoint", str(path)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
