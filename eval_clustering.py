@@ -1,13 +1,15 @@
-"""Clustering metrics, a k-means baseline on frozen features, and a command line that scores a checkpoint.
+"""Clustering metrics, k-means, weighted kNN and a linear probe on frozen features, and a command line that
+scores a checkpoint.
 
-    python eval_clustering.py --checkpoint out/ckpt.pt                       # every head + k-means baselines
+    python eval_clustering.py --checkpoint out/ckpt.pt          # every head, k-means baselines, kNN, linear probe
     python eval_clustering.py --checkpoint out/ckpt.pt --json scores.json --grid-dir grids
-    python eval_clustering.py --arch resnet50 --weights r50.pth --dataset imagefolder --data DIR   # k-means only
+    python eval_clustering.py --arch resnet50 --weights r50.pth --dataset imagefolder --data DIR   # baselines only
 
 Metrics follow scikit-learn's definitions exactly (NMI and AMI with the arithmetic-mean normaliser, AMI with
 the exact expected mutual information, ARI as adjusted_rand_score), with numpy and scipy only. ACC is the
 accuracy after the best one-to-one matching of clusters to classes (Hungarian algorithm); with more clusters
-than classes, acc_majority maps each cluster to its most frequent class.
+than classes, acc_majority maps each cluster to its most frequent class and acc_hungarian_majority is the
+authors' variant (matching first, majority for the clusters left over).
 
 The functions above the command-line section import nothing from selfclassifier.py; only the command line,
 which needs the model and the data, does.
@@ -597,13 +599,12 @@ def load_model_and_config(args):
             model, cfg = sc.model_from_checkpoint(state)
         except (RuntimeError, TypeError) as error:
             raise sc.UserError(f"{args.checkpoint} does not match this code's model ({str(error).splitlines()[0]})") from None
-        overrides = {k: v for k, v in dict(dataset=args.dataset, data=args.data).items() if v}
+        overrides = {k: v for k, v in dict(dataset=args.dataset, data=args.data, download=args.download).items() if v}
         return model, sc.config_from_checkpoint(state, **overrides)
-    if args.dataset not in sc.DATASETS:
-        raise sc.UserError(f"unknown --dataset {args.dataset}; choose from {', '.join(sc.DATASETS)}")
     size = args.image_size or (32 if args.dataset in ("cifar10", "cifar100", "synthetic") else 96 if args.dataset == "stl10" else 224)
     stem = args.stem or ("cifar" if size <= 64 else "imagenet")
-    cfg = sc.Config(dataset=args.dataset, data=args.data or "./data", arch=args.arch, stem=stem, global_size=size, num_classes=[])
+    cfg = sc.Config(dataset=args.dataset, data=args.data or "./data", download=args.download, arch=args.arch, stem=stem,
+                    global_size=size, num_classes=[])
     model = sc.build_model(cfg, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     if args.weights:
         if not Path(args.weights).is_file():
@@ -670,7 +671,7 @@ def evaluate(args):
     model, cfg = load_model_and_config(args)
     model = model.to(args.device)
     size = args.image_size or cfg.global_size
-    train_set, eval_set = sc.load_split(cfg, train=True), sc.load_split(cfg, train=False)
+    eval_set = sc.load_split(cfg, train=False)
     ev = sc.extract(model, eval_set, size, args.batch_size, args.workers, args.device, "evaluation-split features")
     labels, class_names = ev["labels"].numpy(), list(eval_set.classes)
     if (labels < 0).any():
@@ -685,6 +686,7 @@ def evaluate(args):
     num_true = len(np.unique(labels))
     rows = {f"head C={c}": cluster_metrics(labels, pred.numpy()) for c, pred in zip(cfg.num_classes, ev["predictions"])}
     if args.kmeans_seeds > 0 or args.knn or args.linear_probe:
+        train_set = sc.load_split(cfg, train=True)
         tr = sc.extract(model, train_set, size, args.batch_size, args.workers, args.device, "training-split features")
     if args.kmeans_seeds > 0:
         protocol = f"{args.kmeans_features}" + (f", {args.kmeans_train_fraction:g} of train" if args.kmeans_train_fraction < 1 else "")

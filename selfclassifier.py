@@ -8,7 +8,8 @@ stop-gradient are needed.
 
 Run (see README.md for measured numbers):
     # CPU smoke run on an offline synthetic dataset with known labels
-    python selfclassifier.py --dataset synthetic --stem imagenet --epochs 6 --batch-size 128 --hidden-dim 1024
+    python selfclassifier.py --dataset synthetic --stem imagenet --epochs 4 --batch-size 128 --hidden-dim 512 \
+        --num-classes 10 20 --warmup-epochs 1 --local-crops 0 --lr 1.0 --out-dir out/synthetic
     # CIFAR-10 on one GPU (the defaults)
     python selfclassifier.py --dataset cifar10 --data ./data --download
     # several GPUs on one machine
@@ -1010,8 +1011,8 @@ def train(cfg):
 
     # resume
     step = 0
-    resume_path = ckpt_path if ckpt_path.exists() or not cfg.resume else Path(cfg.resume)
-    if resume_path.exists() or cfg.resume:
+    resume_path = ckpt_path if ckpt_path.exists() else Path(cfg.resume) if cfg.resume else None  # our own run first
+    if resume_path:
         state = load_checkpoint(resume_path)
         saved = state["config"]
         changed = [k for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)]
