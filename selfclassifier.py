@@ -151,7 +151,7 @@ class Config:
     log_every: int = option(50, "steps between log lines", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints (one is always written at each epoch end)", type=positive_float)
     eval_every: int = option(1, "epochs between NMI/ACC evaluations on the test split (0 = never)", type=non_negative_int)
-    knn_every: int = option(-1, "epochs between kNN monitors (top-1 of a k=20 weighted kNN on backbone features, the test split against the training split); -1 = every --eval-every epochs when the training split has at most 100,000 labelled images, 0 = never", type=int)
+    knn_every: int = option(-1, "epochs between kNN monitors (top-1 of a k=20 weighted kNN on backbone features, the test split against the training split), and after the last epoch; -1 = every 10 epochs when the training split has at most 100,000 labelled images, 0 = never", type=int)
 
 
 def config_parser():
@@ -1043,7 +1043,7 @@ def train(cfg):
 
     total_steps = cfg.epochs * steps_per_epoch
     labelled_train = sum(l >= 0 for l in getattr(train_set, "targets", []))
-    knn_every = cfg.knn_every if cfg.knn_every >= 0 else (cfg.eval_every if 0 < labelled_train <= 100_000 else 0)
+    knn_every = cfg.knn_every if cfg.knn_every >= 0 else (10 if 0 < labelled_train <= 100_000 else 0)
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     saved_step, last_save_time = step, time.time()
@@ -1124,7 +1124,7 @@ def train(cfg):
             checkpoint()
             epoch_done = step % steps_per_epoch == 0
             heads_due = bool(cfg.eval_every) and (epoch + 1) % cfg.eval_every == 0
-            knn_due = bool(knn_every) and (epoch + 1) % knn_every == 0
+            knn_due = bool(knn_every) and ((epoch + 1) % knn_every == 0 or step == total_steps)
             if is_main and epoch_done and (heads_due or knn_due) and all(l >= 0 for l in eval_set.targets):
                 evaluate_during_training(raw_model, train_set, eval_set, cfg, device, epoch, log, heads_due, knn_due)
     except torch.cuda.OutOfMemoryError:
