@@ -176,9 +176,13 @@ def parse_config(argv=None):
             parser.error(f"--{name.replace('_', '-')}: the first value must not exceed the second, got {low} {high}")
     if cfg.warmup_epochs > cfg.epochs:
         parser.error(f"--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}")
-    if cfg.stem == "auto":  # stored resolved, so that a checkpoint says which stem its weights belong to
-        cfg.stem = "cifar" if cfg.global_size <= 64 else "imagenet"
+    cfg.stem = resolve_stem(cfg.stem, cfg.global_size)  # stored resolved: a checkpoint says which stem it has
     return cfg
+
+
+def resolve_stem(stem, global_size):
+    """--stem auto: the 3x3 CIFAR stem for crops of at most 64 px, ImageNet's 7x7 stem + max-pool above."""
+    return stem if stem != "auto" else "cifar" if global_size <= 64 else "imagenet"
 
 
 # =====================================================================================================
@@ -279,7 +283,7 @@ def load_image_folder(root, in_memory_max_size, workers):
         progress(kept + dropped)
     if dropped:
         warnings.warn(f"{root}: skipped {dropped} unreadable image(s) or image(s) of another size than {tuple(first.size)}")
-    return ImageArray(images[:kept].clone(), labels[:kept].clone(), folder.classes)
+    return ImageArray(images[:kept], labels[:kept], folder.classes)
 
 
 def load_split(cfg, train):
@@ -523,7 +527,7 @@ class SelfClassifier(nn.Module):
 
 
 def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
-    small_stem = cfg.stem == "cifar" or (cfg.stem == "auto" and cfg.global_size <= 64)
+    small_stem = resolve_stem(cfg.stem, cfg.global_size) == "cifar"
     return SelfClassifier(cfg.arch, small_stem, cfg.hidden_dim, cfg.embed_dim, cfg.num_classes, pixel_mean, pixel_std)
 
 
@@ -851,7 +855,7 @@ def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what=
     model.eval()
     out = dict(backbone=[], embedding=[], predictions=[[] for _ in model.heads], labels=[])
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-    progress = Progress(f"extracting {what}", len(dataset), "images")
+    progress, done = Progress(f"extracting {what}", len(dataset), "images"), 0
     for images, labels in eval_batches(dataset, size, batch_size, workers):
         with amp:
             features = model.features(images.to(device, non_blocking=True))
@@ -861,7 +865,8 @@ def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what=
         for head, s in enumerate(model.classify(z)):
             out["predictions"][head].append(s.argmax(1).cpu())
         out["labels"].append(torch.as_tensor(labels).cpu())
-        progress(sum(len(l) for l in out["labels"]))
+        done += len(images)
+        progress(done)
     model.train(was_training)
     return dict(backbone=torch.cat(out["backbone"]), embedding=torch.cat(out["embedding"]),
                 predictions=[torch.cat(p) for p in out["predictions"]], labels=torch.cat(out["labels"]))

@@ -284,7 +284,6 @@ def test_projection_and_heads_stay_float32_under_bf16_autocast():
     Under autocast the embedding and the logits must equal the float32 model's, bit for bit."""
     model = sc.build_model(sc.parse_config(["--hidden-dim", "32", "--num-classes", "10", "20"])).eval()
     features = torch.randn(16, model.feature_dim)
-    z, logits = model.embed(features), model.classify(model.embed(features))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z_amp = model.embed(features.bfloat16())
         logits_amp = model.classify(z_amp)
@@ -292,7 +291,6 @@ def test_projection_and_heads_stay_float32_under_bf16_autocast():
     torch.testing.assert_close(z_amp, model.embed(features.bfloat16().float()), rtol=0, atol=0)
     for s, s_amp in zip(model.classify(z_amp), logits_amp):
         torch.testing.assert_close(s_amp, s, rtol=0, atol=0)
-    assert torch.equal(model.classify(z)[0], logits[0])
 
 
 def test_projection_runs_once_on_all_views_so_batchnorm_sees_them_together():
