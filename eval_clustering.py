@@ -175,8 +175,10 @@ def cluster_metrics(y_true, y_pred):
 # k-means in torch: greedy k-means++ init, restarts, chunked distances, empty clusters re-seeded.
 # =====================================================================================================
 def squared_distances(x, x_sq, centroids):
-    """||x - c||^2 for every row of x and every centroid: [n, k], via ||x||^2 - 2 x.c + ||c||^2."""
-    return (x_sq[:, None] - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None]).clamp_min_(0)
+    """||x - c||^2 for every row of x and every centroid: [n, k], via ||x||^2 - 2 x.c + ||c||^2 (one addmm: the
+    factor -2 goes on the [n, k] product, never on the [n, D] features)."""
+    norms = x_sq[:, None] + (centroids * centroids).sum(1)[None]
+    return torch.addmm(norms, x, centroids.T, alpha=-2).clamp_min_(0)
 
 
 def assign(x, x_sq, centroids, chunk_rows):
