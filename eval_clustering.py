@@ -563,6 +563,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="a checkpoint written by selfclassifier.py, or one of the authors' released checkpoints")
     p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="without --checkpoint: baselines on this torchvision backbone")
     p.add_argument("--weights", help="with --arch: backbone state dict (random initialisation when omitted)")
+    p.add_argument("--init-seed", type=int, default=0, help="with --arch and no --weights: seed of the random initialisation")
     p.add_argument("--stem", choices=("cifar", "imagenet"), help="with --arch: stem (default: cifar for images of at most 64 px)")
     p.add_argument("--image-size", type=int, help="evaluation image side (default: the checkpoint's global crop size, or 32 / 224)")
     p.add_argument("--dataset", choices=sc.DATASETS, help="default: the checkpoint's dataset")
@@ -607,7 +608,9 @@ def load_model_and_config(args):
     stem = sc.resolve_stem(args.stem or "auto", size)
     cfg = sc.Config(dataset=args.dataset, data=args.data or "./data", download=args.download, arch=args.arch, stem=stem,
                     global_size=size, num_classes=[])
-    model = sc.build_model(cfg, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with torch.random.fork_rng(devices=[]):  # a reproducible random initialisation; the caller's RNG is left as it was
+        torch.manual_seed(args.init_seed)
+        model = sc.build_model(cfg, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     if args.weights:
         if not Path(args.weights).is_file():
             raise sc.UserError(f"--weights {args.weights} does not exist")
@@ -712,7 +715,7 @@ def evaluate(args):
             if args.linear_probe:
                 rows["linear probe (backbone)"] = linear_probe(train_features, train_labels, ev["backbone"], labels,
                                                                device=args.device)
-    source = args.checkpoint or f"{args.arch} ({args.weights or 'random init'})"
+    source = args.checkpoint or f"{args.arch} ({args.weights or f'random init, seed {args.init_seed}'})"
     print(f"{source} on {cfg.dataset} evaluation split ({len(labels)} images, {num_true} classes)")
     print(format_table(rows))
     if args.json:
