@@ -235,6 +235,8 @@ def kmeans(x, k, n_init=10, n_iter=300, tol=1e-4, seed=0, device=None, chunk_row
         raise ValueError(f"kmeans needs a non-empty [N, D] array, got shape {tuple(x.shape)}")
     if not 1 <= k <= len(x):
         raise ValueError(f"kmeans needs 1 <= k <= N, got k={k} for N={len(x)}")
+    if n_init < 1:
+        raise ValueError(f"kmeans needs n_init >= 1, got {n_init}")
     chunk_rows = chunk_rows or max(1, (1 << 24) // max(k, 1))
     gen = torch.Generator(device=x.device).manual_seed(seed)
     x_sq = (x * x).sum(1)
@@ -565,7 +567,7 @@ def parse_args(argv=None):
     p.add_argument("--weights", help="with --arch: backbone state dict (random initialisation when omitted)")
     p.add_argument("--init-seed", type=int, default=0, help="with --arch and no --weights: seed of the random initialisation")
     p.add_argument("--stem", choices=("cifar", "imagenet"), help="with --arch: stem (default: cifar for images of at most 64 px)")
-    p.add_argument("--image-size", type=int, help="evaluation image side (default: the checkpoint's global crop size, or 32 / 224)")
+    p.add_argument("--image-size", type=sc.positive_int, help="evaluation image side (default: the checkpoint's global crop size, or 32 / 224)")
     p.add_argument("--dataset", choices=sc.DATASETS, help="default: the checkpoint's dataset")
     p.add_argument("--data", help="default: the checkpoint's data root")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data")
@@ -573,14 +575,14 @@ def parse_args(argv=None):
                    "file of lines 'class superclass' (# starts a comment); a class is its folder name or its index; "
                    "every class needs a superclass. Default for cifar100: its 20 superclasses")
     p.add_argument("--cifar100-fine", action="store_true", help="score CIFAR-100 on its 100 fine classes instead of the 20 superclasses")
-    p.add_argument("--kmeans-seeds", type=int, default=3, help="k-means runs per feature kind (0 = no k-means baseline)")
+    p.add_argument("--kmeans-seeds", type=sc.non_negative_int, default=3, help="k-means runs per feature kind (0 = no k-means baseline)")
     p.add_argument("--kmeans-features", choices=("l2", "raw"), default="l2", help="l2-normalise the features before k-means (ours) or not (the authors' table)")
     p.add_argument("--kmeans-train-fraction", type=float, default=1.0, help="fit k-means on this random fraction of the training split (the authors: 0.1 of ImageNet)")
-    p.add_argument("--kmeans-n-init", type=int, default=1, help="k-means++ restarts per seed, best inertia kept (the authors: scikit-learn's 10)")
+    p.add_argument("--kmeans-n-init", type=sc.positive_int, default=1, help="k-means++ restarts per seed, best inertia kept (the authors: scikit-learn's 10)")
     p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True, help="weighted kNN accuracy (k = 20, 200) on backbone features")
     p.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=True, help="linear-probe accuracy on backbone features")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--workers", type=int, default=min(8, sc.available_cpus()))
+    p.add_argument("--batch-size", type=sc.positive_int, default=512)
+    p.add_argument("--workers", type=sc.non_negative_int, default=min(8, sc.available_cpus()))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.add_argument("--grid-dir", help="save a PNG grid of random evaluation images for each best-matched predicted class")
@@ -591,6 +593,8 @@ def parse_args(argv=None):
         p.error("--arch needs --dataset (and --data)")
     if not 0 < args.kmeans_train_fraction <= 1:
         p.error(f"--kmeans-train-fraction must be in (0, 1], got {args.kmeans_train_fraction}")
+    if args.json and not Path(args.json).parent.is_dir():  # found out now, not after a long evaluation
+        p.error(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     return args
 
 
@@ -731,7 +735,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return evaluate(args)
-    except (sc.UserError, ValueError) as error:
+    except (sc.UserError, ValueError, OSError) as error:  # OSError: e.g. --json or --grid-dir not writable
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:

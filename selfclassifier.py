@@ -94,6 +94,7 @@ def checked(convert, is_valid, requirement):
 
 
 positive_float = checked(float, lambda v: v > 0, "must be > 0")
+non_negative_float = checked(float, lambda v: v >= 0, "must be >= 0")
 positive_int = checked(int, lambda v: v >= 1, "must be >= 1")
 non_negative_int = checked(int, lambda v: v >= 0, "must be >= 0")
 num_classes_type = checked(int, lambda v: v >= 2, "a head needs at least 2 classes")
@@ -134,11 +135,11 @@ class Config:
     batch_size: int = option(512, "images per GPU per step", type=positive_int)
     optimizer: str = option("lars", "lars = SGD + layer-wise trust ratio (apex LARC, clip=False); sgd = plain SGD", choices=("lars", "sgd"))
     lr: float = option(2.0, "peak learning rate (after warmup)", type=positive_float)
-    warmup_lr: float = option(0.2, "learning rate at step 0", type=float)
-    final_lr: float = option(0.002, "learning rate at the last step", type=float)
-    warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=float)
-    weight_decay: float = option(1e-5, "weight decay", type=float)
-    momentum: float = option(0.9, "SGD momentum", type=float)
+    warmup_lr: float = option(0.2, "learning rate at step 0", type=non_negative_float)
+    final_lr: float = option(0.002, "learning rate at the last step", type=non_negative_float)
+    warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=non_negative_float)
+    weight_decay: float = option(1e-5, "weight decay", type=non_negative_float)
+    momentum: float = option(0.9, "SGD momentum", type=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"))
     lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, norms, weight-norm magnitudes): DINO's choice, not the authors' (they adapt every parameter; their --no-bias-wd only drops the decay)")
     # run
     precision: str = option("auto", "autocast dtype of the backbone; auto = bf16 on GPU, fp32 on CPU (projection, heads and loss always run in float32)", choices=("auto", "bf16", "fp16", "fp32"))
@@ -974,9 +975,12 @@ def train(cfg):
     is_main = rank() == 0
     torch.manual_seed(cfg.seed + rank())
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
-    log_file = open(out_dir / "log.jsonl", "a") if is_main else None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(out_dir / "log.jsonl", "a") if is_main else None
+    except OSError as error:
+        raise UserError(f"cannot write to --out-dir {out_dir}: {error.strerror}") from None
 
     def log(record, line):
         if is_main:

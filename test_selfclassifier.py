@@ -59,6 +59,8 @@ def short_epochs(monkeypatch):
     (["--global-scale", "0.9", "0.2"], "must not exceed"),
     (["--blur-prob", "1.5", "0", "0"], "probability"),
     (["--dataset", "mnist"], "invalid choice"),
+    (["--warmup-lr", "-1"], "must be >= 0"),
+    (["--momentum", "1"], "must be in [0, 1)"),
 ])
 def test_parser_refuses_nonsense_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -927,6 +929,8 @@ def test_kmeans_reseeds_empty_clusters_and_checks_its_input():
         ec.kmeans(x, 200)
     with pytest.raises(ValueError, match="non-empty"):
         ec.kmeans(torch.zeros(0, 3), 2)
+    with pytest.raises(ValueError, match="n_init >= 1"):
+        ec.kmeans(x, 3, n_init=0)
 
 
 def test_kmeans_baseline_offers_the_authors_protocol(monkeypatch):
@@ -1248,10 +1252,35 @@ def test_eval_random_initialisation_floor_is_reproducible():
     assert not torch.equal(backbone("--init-seed", "1"), first)
 
 
-def test_eval_command_line_refuses_unknown_datasets(capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--kmeans-n-init", "0"], "must be >= 1"),       # used to end in a TypeError traceback
+    (["--kmeans-seeds", "-1"], "must be >= 0"),
+    (["--batch-size", "0"], "must be >= 1"),          # used to print "range() arg 3 must not be zero"
+    (["--workers", "-1"], "must be >= 0"),
+    (["--image-size", "0"], "must be >= 1"),          # used to be taken as "no size given"
+])
+def test_eval_command_line_refuses_nonsense_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ec.parse_args(["--checkpoint", "ckpt.pt", "--dataset", "mnist"])
-    assert exit_info.value.code == 2 and "invalid choice: 'mnist'" in capsys.readouterr().err
+        ec.parse_args(["--checkpoint", "ckpt.pt", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        sc.main(["--dataset", "synthetic", "--out-dir", str(not_a_dir / "out")])
+    assert exit_info.value.code == 2 and "error: cannot write to --out-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused before the evaluation starts
+        ec.parse_args(["--checkpoint", "ckpt.pt", "--json", str(not_a_dir / "scores.json")])
+    assert exit_info.value.code == 2 and "the folder" in capsys.readouterr().err
+    def write_fails(args):  # e.g. --grid-dir on a full or read-only disk, found out at the end
+        raise PermissionError(13, "Permission denied", args.grid_dir)
+    monkeypatch.setattr(ec, "evaluate", write_fails)
+    with pytest.raises(SystemExit) as exit_info:
+        ec.main(["--checkpoint", "ckpt.pt", "--grid-dir", "/grids"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: [Errno 13] Permission denied: '/grids'\n"
 
 
 @pytest.mark.parametrize("make, message", [
