@@ -593,6 +593,8 @@ def parse_args(argv=None):
         p.error("--arch needs --dataset (and --data)")
     if not 0 < args.kmeans_train_fraction <= 1:
         p.error(f"--kmeans-train-fraction must be in (0, 1], got {args.kmeans_train_fraction}")
+    if args.grid_dir and not args.checkpoint:
+        p.error("--grid-dir shows the classes of a checkpoint's head: it needs --checkpoint")
     if args.json and not Path(args.json).parent.is_dir():  # found out now, not after a long evaluation
         p.error(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     return args

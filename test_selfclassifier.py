@@ -1259,10 +1259,11 @@ def test_eval_random_initialisation_floor_is_reproducible():
     (["--batch-size", "0"], "must be >= 1"),          # used to print "range() arg 3 must not be zero"
     (["--workers", "-1"], "must be >= 0"),
     (["--image-size", "0"], "must be >= 1"),          # used to be taken as "no size given"
+    (["--checkpoint", "", "--arch", "resnet18", "--dataset", "synthetic", "--grid-dir", "g"], "needs --checkpoint"),
 ])
 def test_eval_command_line_refuses_nonsense_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ec.parse_args(["--checkpoint", "ckpt.pt", *flags])
+        ec.parse_args(["--checkpoint", "ckpt.pt", *flags])  # a later --checkpoint "" replaces it
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
