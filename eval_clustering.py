@@ -9,7 +9,8 @@ Metrics follow scikit-learn's definitions exactly (NMI and AMI with the arithmet
 the exact expected mutual information, ARI as adjusted_rand_score), with numpy and scipy only. ACC is the
 accuracy after the best one-to-one matching of clusters to classes (Hungarian algorithm); with more clusters
 than classes, acc_majority maps each cluster to its most frequent class and acc_hungarian_majority is the
-authors' variant (matching first, majority for the clusters left over).
+authors' variant (matching first, majority for the clusters left over). superclass_accuracy is the authors'
+superclass ACC (clusters matched to fine classes, scored on their superclasses).
 
 The functions above the command-line section import nothing from selfclassifier.py; only the command line,
 which needs the model and the data, does.
@@ -131,14 +132,34 @@ def hungarian_accuracy(contingency):
     return float(contingency[row, col].sum() / contingency.sum()), dict(zip(col.tolist(), row.tolist()))
 
 
-def hungarian_majority_accuracy(contingency):
-    """The authors' over-clustering accuracy: the best one-to-one matching (their Hungarian on the matrix padded
-    to a square has the same optimum), then every cluster left without a class takes its majority class.
+def matched_then_majority(contingency):
+    """The authors' class for every cluster (column): the best one-to-one matching (their Hungarian on the matrix
+    padded to a square has the same optimum), then every cluster left without a class takes its majority class.
     Equal to theirs except where several one-to-one matchings are equally good and they break the tie otherwise."""
     _, cluster_to_class = hungarian_accuracy(contingency)
-    unmatched = np.setdiff1d(np.arange(contingency.shape[1]), list(cluster_to_class))
-    matched = sum(contingency[c, k] for k, c in cluster_to_class.items())
-    return float((matched + contingency[:, unmatched].max(0).sum()) / contingency.sum())
+    assigned = contingency.argmax(0)
+    assigned[list(cluster_to_class)] = list(cluster_to_class.values())
+    return assigned
+
+
+def hungarian_majority_accuracy(contingency):
+    """The authors' over-clustering accuracy: samples whose class is their cluster's matched_then_majority class."""
+    return float(contingency[matched_then_majority(contingency), np.arange(contingency.shape[1])].sum() / contingency.sum())
+
+
+def superclass_accuracy(y_fine, y_pred, to_superclass):
+    """The authors' superclass ACC (their ImageNet-hierarchy and BREEDS tables): every cluster is matched to a *fine*
+    class (matched_then_majority), then predicts that class's superclass; the accuracy is counted on superclasses.
+    y_fine: fine class labels; to_superclass[fine class] = superclass. Scoring the clusters against the superclass
+    labels directly (what cluster_metrics does with mapped labels) matches clusters to superclasses instead."""
+    y_fine, y_pred = check_labels(y_fine, y_pred)
+    to_superclass = np.asarray(to_superclass)
+    if y_fine.min() < 0 or y_fine.max() >= len(to_superclass):
+        raise ValueError(f"fine labels must index to_superclass ({len(to_superclass)} entries), got {y_fine.min()}..{y_fine.max()}")
+    classes, clusters = np.unique(y_fine), np.unique(y_pred)
+    cluster_class = classes[matched_then_majority(contingency_matrix(y_fine, y_pred))]   # per cluster
+    predicted = to_superclass[cluster_class[np.searchsorted(clusters, y_pred)]]
+    return float((predicted == to_superclass[y_fine]).mean())
 
 
 def cluster_metrics(y_true, y_pred):
@@ -631,22 +652,25 @@ def load_model_and_config(args):
 
 def table_cell(value):
     if value is None:
-        return f"{'':>11s}"
+        return f"{'':>12s}"
     if isinstance(value, dict):  # mean and std over k-means seeds
-        return f"{100 * value['mean']:5.1f} ±{100 * value['std']:4.1f}"
-    return f"{100 * value:11.1f}"
+        return f"{100 * value['mean']:6.1f} ±{100 * value['std']:4.1f}"
+    return f"{100 * value:12.1f}"
 
 
 def format_table(rows):
-    """The clustering rows (NMI ... ACC-H+maj; mean ± std for k-means), then the representation rows (top-1/5)."""
+    """The clustering rows (NMI ... ACC-H+maj, ACC-via-fine; mean ± std for k-means; only the columns some row has),
+    then the representation rows (top-1/5)."""
     width = max(map(len, rows)) if rows else 0
-    columns = dict(nmi="NMI", ami="AMI", ari="ARI", acc="ACC", acc_majority="ACC-maj", acc_hungarian_majority="ACC-H+maj")
-    lines = [f"{'':{width}s} " + " ".join(f"{title:>11s}" for title in columns.values())]
+    columns = dict(nmi="NMI", ami="AMI", ari="ARI", acc="ACC", acc_majority="ACC-maj", acc_hungarian_majority="ACC-H+maj",
+                   acc_via_fine_classes="ACC-via-fine")
+    columns = {key: title for key, title in columns.items() if any(key in scores for scores in rows.values())}
+    lines = [f"{'':{width}s} " + " ".join(f"{title:>12s}" for title in columns.values())]
     lines += [f"{name:{width}s} " + " ".join(table_cell(scores.get(key)) for key in columns)
               for name, scores in rows.items() if "nmi" in scores]
     representation = [(name, scores) for name, scores in rows.items() if "top1" in scores]
     if representation:
-        lines.append(f"\n{'':{width}s} {'top-1':>11s} {'top-5':>11s}")
+        lines.append(f"\n{'':{width}s} {'top-1':>12s} {'top-5':>12s}")
         lines += [f"{name:{width}s} {table_cell(scores['top1'])} {table_cell(scores.get('top5'))}" for name, scores in representation]
     return "\n".join(lines)
 
@@ -692,10 +716,14 @@ def evaluate(args):
         to_superclass, class_names = read_class_map(args.class_map, class_names)
     elif cfg.dataset == "cifar100" and not args.cifar100_fine:
         to_superclass, class_names = CIFAR100_SUPERCLASS, [f"superclass{i}" for i in range(20)]
+    fine_labels = labels
     if to_superclass is not None:
         labels = to_superclass[labels]
     num_true = len(np.unique(labels))
     rows = {f"head C={c}": cluster_metrics(labels, pred.numpy()) for c, pred in zip(cfg.num_classes, ev["predictions"])}
+    if to_superclass is not None:  # the authors' superclass ACC beside ours
+        for c, pred in zip(cfg.num_classes, ev["predictions"]):
+            rows[f"head C={c}"]["acc_via_fine_classes"] = superclass_accuracy(fine_labels, pred.numpy(), to_superclass)
     if args.kmeans_seeds > 0 or args.knn or args.linear_probe:
         train_set = sc.load_split(cfg, train=True)
         tr = sc.extract(model, train_set, size, args.batch_size, args.workers, args.device, "training-split features")

@@ -872,6 +872,50 @@ def test_overclustering_accuracy_equals_the_authors_protocol():
     assert "acc_hungarian_majority" not in ec.cluster_metrics([0, 1, 1], [1, 0, 0])
 
 
+def authors_superclass_accuracy(targets, preds, superclass_mapping):
+    """The authors' superclass ACC, transcribed: their fine-level matching (as above), then the fine class matched to
+    every cluster and the samples' labels both mapped to superclasses (entries past the map stay themselves)."""
+    size = max(targets.max(), preds.max()) + 1
+    mapping = np.arange(max(size, len(superclass_mapping)))
+    mapping[:len(superclass_mapping)] = superclass_mapping
+    count = np.zeros((size, size), dtype=np.int64)
+    np.add.at(count, (preds, targets), 1)
+    rows, cols = linear_sum_assignment(count.max() - count)
+    if len(np.unique(preds)) > len(np.unique(targets)):
+        for cluster in np.unique(preds):
+            if cols[cluster] not in targets:
+                cols[cluster] = count[cluster].argmax()
+    count = np.zeros((size, size), dtype=np.int64)
+    np.add.at(count, (preds, mapping[targets]), 1)
+    return count[rows, mapping[cols]].sum() / len(preds)
+
+
+def test_superclass_accuracy_equals_the_authors_protocol():
+    rng = np.random.default_rng(4)
+    for trial in range(20):  # clusters fewer and more than the fine classes
+        num_fine, num_clusters = int(rng.integers(6, 30)), int(rng.integers(3, 50))
+        to_superclass = rng.integers(0, int(rng.integers(2, 6)), num_fine)
+        # Counts [fine class, cluster]: sparse noise below 30, plus one anchor of >= 1000 per matched pair, so that
+        # the one-to-one matching is unique (with ties both protocols are right, and may pick different matchings).
+        counts = rng.integers(0, 30, (num_fine, num_clusters)) * (rng.random((num_fine, num_clusters)) < 0.5)
+        m = min(num_fine, num_clusters)
+        counts[rng.permutation(num_fine)[:m], rng.permutation(num_clusters)[:m]] += rng.integers(1000, 1500, m)
+        fine, cluster = np.nonzero(counts)
+        y_fine, y_pred = np.repeat(fine, counts[fine, cluster]), np.repeat(cluster, counts[fine, cluster])
+        ours = ec.superclass_accuracy(y_fine, y_pred, to_superclass)
+        assert math.isclose(ours, authors_superclass_accuracy(y_fine, y_pred, to_superclass)), trial
+        identity = ec.cluster_metrics(y_fine, y_pred)  # each fine class its own superclass: the plain protocol
+        assert math.isclose(ec.superclass_accuracy(y_fine, y_pred, np.arange(num_fine)),
+                            identity.get("acc_hungarian_majority", identity["acc"])), trial
+    # by hand: two clusters that are both mostly superclass 0. Matched to superclasses one-to-one, one of them must
+    # take superclass 1 (ACC 3/5); matched to fine classes 0 and 1, both predict superclass 0 (4/5).
+    y_fine, y_pred, to_superclass = np.array([0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 1]), np.array([0, 0, 1])
+    assert ec.cluster_metrics(to_superclass[y_fine], y_pred)["acc"] == 0.6
+    assert ec.superclass_accuracy(y_fine, y_pred, to_superclass) == 0.8
+    with pytest.raises(ValueError, match="must index to_superclass"):
+        ec.superclass_accuracy(np.array([0, 3]), np.array([0, 1]), to_superclass)
+
+
 @pytest.mark.parametrize("y_true, y_pred, message", [
     ([0, 1, 2], [0, 1], "3 labels but y_pred has 2"),
     ([], [], "empty"),
@@ -1227,6 +1271,21 @@ def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, cap
     assert saved["kNN k=200 (backbone)"]["top1"] > 0.5 and saved["linear probe (backbone)"]["top1"] > 0.5  # chance 0.1
     assert saved["head C=20"]["acc"] <= saved["head C=20"]["acc_hungarian_majority"] <= saved["head C=20"]["acc_majority"]
     assert 7 <= len(list(grid_dir.glob("*.png"))) <= 10  # one per matched class the 10-class head predicts
+
+
+def test_eval_command_line_scores_superclasses_both_ways(trained, tmp_path, capsys):
+    """--class-map: the clusters scored against the superclass labels (ACC) and the authors' way (ACC-via-fine)."""
+    textures = ("hstripes", "vstripes", "checker", "rings", "crosshatch")  # the synthetic classes without their period
+    (tmp_path / "map.txt").write_text("".join(f"{i} {textures[i // 2]}\n" for i in range(10)))
+    quick = ["--checkpoint", str(trained / "ckpt.pt"), "--kmeans-seeds", "0", "--no-knn", "--no-linear-probe",
+             "--workers", "0", "--device", "cpu"]
+    fine = ec.main(quick)["head C=10"]
+    capsys.readouterr()
+    coarse = ec.main(quick + ["--class-map", str(tmp_path / "map.txt")])["head C=10"]
+    out = capsys.readouterr().out
+    assert "ACC-via-fine" in out and "5 classes" in out
+    assert coarse["acc_via_fine_classes"] >= fine["acc"]  # a right fine class is a right superclass
+    assert "acc_via_fine_classes" not in fine and "ACC-via-fine" not in ec.format_table({"head C=10": fine})
 
 
 def test_eval_command_line_baseline_without_checkpoint(tmp_path, capsys):
