@@ -845,9 +845,10 @@ def test_expected_mutual_information_grouping_equals_the_plain_sum():
     assert math.isclose(ec.expected_mutual_info(a, b, n, max_terms=1000), plain, rel_tol=1e-9)
 
 
-def authors_overclustering_accuracy(targets, preds):
-    """The authors' ACC, transcribed: Hungarian on the [clusters, classes] count matrix padded to a square,
-    then, when over-clustering, every cluster matched to a padding column takes its majority class."""
+def authors_matching(targets, preds):
+    """The authors' cluster -> class matching, transcribed: Hungarian on the [clusters, classes] count matrix padded
+    to a square, then, when over-clustering, every cluster matched to a padding column takes its majority class.
+    Returns (count, clusters, their classes)."""
     size = max(targets.max(), preds.max()) + 1
     count = np.zeros((size, size), dtype=np.int64)
     np.add.at(count, (preds, targets), 1)
@@ -856,6 +857,11 @@ def authors_overclustering_accuracy(targets, preds):
         for cluster in np.unique(preds):
             if cols[cluster] not in targets:
                 cols[cluster] = count[cluster].argmax()
+    return count, rows, cols
+
+
+def authors_overclustering_accuracy(targets, preds):
+    count, rows, cols = authors_matching(targets, preds)
     return count[rows, cols].sum() / len(preds)
 
 
@@ -873,19 +879,12 @@ def test_overclustering_accuracy_equals_the_authors_protocol():
 
 
 def authors_superclass_accuracy(targets, preds, superclass_mapping):
-    """The authors' superclass ACC, transcribed: their fine-level matching (as above), then the fine class matched to
-    every cluster and the samples' labels both mapped to superclasses (entries past the map stay themselves)."""
-    size = max(targets.max(), preds.max()) + 1
-    mapping = np.arange(max(size, len(superclass_mapping)))
+    """The authors' superclass ACC, transcribed: their fine-level matching, then the fine class matched to every
+    cluster and the samples' labels both mapped to superclasses (entries past the map stay themselves)."""
+    _, rows, cols = authors_matching(targets, preds)
+    mapping = np.arange(max(len(rows), len(superclass_mapping)))
     mapping[:len(superclass_mapping)] = superclass_mapping
-    count = np.zeros((size, size), dtype=np.int64)
-    np.add.at(count, (preds, targets), 1)
-    rows, cols = linear_sum_assignment(count.max() - count)
-    if len(np.unique(preds)) > len(np.unique(targets)):
-        for cluster in np.unique(preds):
-            if cols[cluster] not in targets:
-                cols[cluster] = count[cluster].argmax()
-    count = np.zeros((size, size), dtype=np.int64)
+    count = np.zeros((len(rows), len(mapping)), dtype=np.int64)
     np.add.at(count, (preds, mapping[targets]), 1)
     return count[rows, mapping[cols]].sum() / len(preds)
 
