@@ -614,6 +614,12 @@ def parse_args(argv=None):
         p.error("--arch needs --dataset (and --data)")
     if not 0 < args.kmeans_train_fraction <= 1:
         p.error(f"--kmeans-train-fraction must be in (0, 1], got {args.kmeans_train_fraction}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}, but no CUDA device is visible")
     if args.grid_dir and not args.checkpoint:
         p.error("--grid-dir shows the classes of a checkpoint's head: it needs --checkpoint")
     if args.json and not Path(args.json).parent.is_dir():  # found out now, not after a long evaluation

@@ -1317,12 +1317,22 @@ def test_eval_random_initialisation_floor_is_reproducible():
     (["--batch-size", "0"], "must be >= 1"),          # used to print "range() arg 3 must not be zero"
     (["--workers", "-1"], "must be >= 0"),
     (["--image-size", "0"], "must be >= 1"),          # used to be taken as "no size given"
+    (["--device", "gpu0"], "not a torch device"),
     (["--checkpoint", "", "--arch", "resnet18", "--dataset", "synthetic", "--grid-dir", "g"], "needs --checkpoint"),
 ])
 def test_eval_command_line_refuses_nonsense_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ec.parse_args(["--checkpoint", "ckpt.pt", *flags])  # a later --checkpoint "" replaces it
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_device_cuda_without_a_gpu_is_one_line(capsys):
+    if torch.cuda.is_available():  # on a GPU machine the flag is simply taken
+        assert ec.parse_args(["--checkpoint", "ckpt.pt", "--device", "cuda"]).device == "cuda"
+        return
+    with pytest.raises(SystemExit) as exit_info:  # used to end in a CUDA-initialisation traceback
+        ec.parse_args(["--checkpoint", "ckpt.pt", "--device", "cuda"])
+    assert exit_info.value.code == 2 and "no CUDA device is visible" in capsys.readouterr().err
 
 
 def test_unwritable_outputs_are_one_line_errors(tmp_path, monkeypatch, capsys):
