@@ -389,7 +389,7 @@ def adjust_hue(x, shift):
     hue = torch.where(value.squeeze(1) == r, ((g - b) / safe) % 6,                 # hue in sextants [0, 6)
                       torch.where(value.squeeze(1) == g, (b - r) / safe + 2, (r - g) / safe + 4))
     hue = (hue + 6 * shift.view(-1, 1, 1)) % 6
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue.unsqueeze(1)) % 6
+    k = torch.stack([(hue + n) % 6 for n in (5.0, 3.0, 1.0)], 1)  # per output channel R, G, B (no host tensor)
     return value - chroma * torch.clamp(torch.minimum(k, 4 - k), 0, 1)     # HSV -> RGB, channel by channel
 
 
@@ -888,11 +888,12 @@ class Batches:
                                                       shuffle=True, seed=cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler))[:steps * cfg.batch_size].view(steps, cfg.batch_size)
-        self.order, self.start, self.steps, self.device, self.specs = order, start_step, steps, device, specs
+        self.start, self.steps, self.device, self.specs = start_step, steps, device, specs
         self.seed = (cfg.seed, epoch, rank())
         self.on_device = use_batch_aug(cfg, dataset)
         if self.on_device:
             self.images, self.labels = dataset.images, dataset.labels  # already on the device (see train)
+            self.order = order.to(device)  # one copy per epoch, not one per step
         else:
             epoch_seed = derive_seed(cfg.seed, epoch)
             keys = [(i, epoch_seed) for i in order[start_step:].flatten().tolist()]
@@ -904,7 +905,7 @@ class Batches:
     def __iter__(self):
         if self.on_device:
             for step in range(self.start, self.steps):
-                index = self.order[step].to(self.device, non_blocking=True)
+                index = self.order[step]
                 views = batch_views(self.images[index], self.specs, derive_seed(*self.seed, step))
                 yield views, self.labels[index], index
         else:
@@ -933,7 +934,9 @@ class Monitor:
 
     def update(self, logits):
         for head, s in enumerate(logits):
-            self.last_batch[head] = torch.bincount(s[0].argmax(1), minlength=s[0].shape[1])
+            classes = torch.arange(s[0].shape[1], device=s[0].device)
+            # not torch.bincount: on a GPU it reads the largest class back to the host, a sync every step
+            self.last_batch[head] = (s[0].argmax(1)[:, None] == classes).sum(0)
             self.counts[head] += self.last_batch[head]
 
     def summary(self):
@@ -948,8 +951,9 @@ class Monitor:
 
 
 def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue, cfg, dtype):
-    """One optimisation step on this rank's batch; returns (loss, logits per head per view, NN label agreement).
-    `model` may be DDP-wrapped; `raw_model` is the unwrapped SelfClassifier."""
+    """One optimisation step on this rank's batch; returns (loss, logits per head per view, [images whose nearest
+    neighbour has their label, labelled images] or None). `model` may be DDP-wrapped; `raw_model` is the unwrapped
+    SelfClassifier. Nothing is read back to the host: the GPU never waits for Python."""
     if views[0].is_cuda:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     with torch.autocast(views[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -958,7 +962,8 @@ def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue,
     if queue is not None:  # nearest-neighbour augmentation of view 1 (no gradient to the backbone through it)
         if queue.is_full():
             neighbour, neighbour_label = queue.neighbours(embeddings[0], index)
-            agree = (neighbour_label == labels)[labels >= 0].float().mean()
+            labelled = labels >= 0  # counts, not a masked mean: a boolean mask would read the mask back to the host
+            agree = torch.stack([((neighbour_label == labels) & labelled).sum(), labelled.sum()])
             for head_logits, s in zip(logits, raw_model.classify(neighbour)):
                 head_logits[0] = s
         queue.push(embeddings[0].detach(), index, labels)
@@ -1116,12 +1121,13 @@ def train(cfg):
                     record = dict(event="train", epoch=epoch, step=step, loss=sum(losses) / len(losses), lr=lr,
                                   images_per_s=images_seen / elapsed, data_wait=wait_time / elapsed,
                                   heads={c: dict(batch_classes=b, epoch_classes=e, entropy=h, log_c=lc) for c, (b, e, h, lc) in heads.items()})
-                    if nn_agree:
-                        record["nn_label_agreement"] = float(torch.stack(nn_agree).mean())
+                    same_label, labelled = torch.stack(nn_agree).sum(0).tolist() if nn_agree else (0, 0)
+                    if labelled:
+                        record["nn_label_agreement"] = same_label / labelled
                     log(record, f"epoch {epoch} step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.4g} "
                                 f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% | "
                                 + " ".join(f"C{c}: {e}/{c} used (batch {b}), H {h:.2f}/{lc:.2f}" for c, (b, e, h, lc) in heads.items())
-                                + (f" | NN same label {record['nn_label_agreement']:.2f}" if nn_agree else ""))
+                                + (f" | NN same label {record['nn_label_agreement']:.2f}" if labelled else ""))
                     t_interval, wait_time, images_seen, nn_agree = time.time(), 0.0, 0, []
                 if time.time() - last_save_time > 60 * cfg.save_every_min:
                     checkpoint()

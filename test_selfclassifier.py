@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment, minimize
+from torch.utils._python_dispatch import TorchDispatchMode  # the mechanism of torch.utils.flop_counter
 from torchvision.transforms.v2 import functional as TF
 
 import eval_clustering as ec
@@ -487,6 +488,55 @@ def test_cpu_run_on_synthetic_data_learns_the_classes(trained):
     assert set(last["heads"]) == {"10", "20"} and last["heads"]["10"]["epoch_classes"] >= 7
     assert last["heads"]["10"]["entropy"] > 0.8 * math.log(10) and 0 <= last["data_wait"] < 1
     assert last["loss"] < train_lines[0]["loss"]
+
+
+class HostWaits(TorchDispatchMode):
+    """Records the operations after which, on a GPU, the host waits for the device: reading a value back (.item(),
+    bool(), int()), outputs whose size depends on the data (nonzero, boolean-mask indexing, bincount, unique) and
+    tensors made from host data (torch.tensor(...) on a GPU is a blocking copy). Works on the CPU, where CI runs."""
+
+    DATA_DEPENDENT = {"aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "aten::masked_select",
+                      "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        mask_index = name.startswith("aten::index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+        if name in self.DATA_DEPENDENT or mask_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_never_makes_the_host_wait_for_the_gpu():
+    """Batched augmentation, forward, loss, backward, LARS, the neighbour swap of a full queue and the collapse monitor
+    read nothing back and make no tensor from host data, so on a GPU the host queues the next step while the device
+    works (the monitor's bincount, the neighbour-agreement mask and a hue constant each stalled every step)."""
+    with HostWaits() as control:  # the detector sees each kind of wait
+        x = torch.arange(4)
+        float(x.sum()), x[x > 1], torch.bincount(x), torch.tensor([1.0, 2.0])
+    assert control.seen == ["aten::_local_scalar_dense", "aten::index", "aten::bincount", "aten::lift_fresh"], control.seen
+    cfg = sc.parse_config(["--hidden-dim", "32", "--embed-dim", "8", "--num-classes", "4", "6", "--global-size", "16",
+                           "--local-crops", "1", "--local-size", "8", "--stem", "imagenet", "--queue-len", "16",
+                           "--blur-prob", "0.5", "1", "0.5", "--solarize-prob", "0.5"])
+    torch.manual_seed(0)
+    model = sc.build_model(cfg)
+    optimizer, scaler = sc.build_optimizer(model, cfg), torch.amp.GradScaler("cpu", enabled=False)
+    queue, monitor = sc.NeighbourQueue(16, cfg.embed_dim), sc.Monitor(cfg.num_classes, "cpu")
+    queue.push(F.normalize(torch.randn(16, cfg.embed_dim), dim=1), torch.arange(100, 116), torch.arange(16) % 3)
+    assert queue.is_full()  # read once; known from then on
+    images, labels = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2, -1, -1])
+    with HostWaits() as step:
+        views = sc.batch_views(images, sc.view_specs(cfg), seed=0)
+        loss, logits, agree = sc.train_step(model, model, optimizer, scaler, views, labels, torch.arange(8), queue, cfg, None)
+        monitor.update([[s.detach() for s in head] for head in logits])
+    assert step.seen == [], step.seen
+    assert agree[1] == 6 and 0 <= agree[0] <= 6  # (same label as the neighbour, labelled images)
+    for head, c in enumerate(cfg.num_classes):
+        assert torch.equal(monitor.counts[head], torch.bincount(logits[head][0].argmax(1), minlength=c))
 
 
 def test_checkpoint_holds_everything_and_loads_with_prefixes(trained):
