@@ -848,14 +848,15 @@ def eval_batches(dataset, size, batch_size, workers):
 
 
 @torch.no_grad()
-def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features"):
+def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features", dtype=None):
     """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], predicted class
-    per head (list of [N]) and labels [N], all on the CPU. On a GPU the backbone runs in bf16, the projection and
-    the heads in float32 (see SelfClassifier.embed / classify)."""
+    per head (list of [N]) and labels [N], all on the CPU. The backbone runs in float32 as in the authors'
+    evaluation, or under autocast to dtype (e.g. torch.bfloat16: faster on a GPU, slightly different features);
+    the projection and the heads always in float32 (see SelfClassifier.embed / classify)."""
     was_training = model.training
     model.eval()
     out = dict(backbone=[], embedding=[], predictions=[[] for _ in model.heads], labels=[])
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    amp = torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
     progress, done = Progress(f"extracting {what}", len(dataset), "images"), 0
     for images, labels in eval_batches(dataset, size, batch_size, workers):
         with amp:
@@ -1141,7 +1142,7 @@ def train(cfg):
             heads_due = bool(cfg.eval_every) and (epoch + 1) % cfg.eval_every == 0
             knn_due = bool(knn_every) and ((epoch + 1) % knn_every == 0 or step == total_steps)
             if is_main and epoch_done and (heads_due or knn_due) and all(l >= 0 for l in eval_set.targets):
-                evaluate_during_training(raw_model, train_set, eval_set, cfg, device, epoch, log, heads_due, knn_due)
+                evaluate_during_training(raw_model, train_set, eval_set, cfg, device, epoch, log, heads_due, knn_due, dtype)
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(specs)} views; "
                         f"try a smaller --batch-size (or fewer --local-crops)") from None
@@ -1152,18 +1153,18 @@ def train(cfg):
     return raw_model
 
 
-def evaluate_during_training(model, train_set, eval_set, cfg, device, epoch, log, heads=True, knn=False):
-    """Monitors on the evaluation split, without augmentation. heads: NMI / ACC / ARI of the head(s) whose C equals
-    the number of true classes. knn: is the representation improving? Top-1 of a weighted kNN (k = 20) on backbone
-    features, the labelled training images as neighbours."""
-    test = extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "test features")
+def evaluate_during_training(model, train_set, eval_set, cfg, device, epoch, log, heads=True, knn=False, dtype=None):
+    """Monitors on the evaluation split, without augmentation, the backbone in the training precision dtype. heads:
+    NMI / ACC / ARI of the head(s) whose C equals the number of true classes. knn: is the representation improving?
+    Top-1 of a weighted kNN (k = 20) on backbone features, the labelled training images as neighbours."""
+    test = extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "test features", dtype)
     for c, pred in zip(cfg.num_classes, test["predictions"]):
         if heads and c == len(eval_set.classes):
             m = cluster_metrics(test["labels"].numpy(), pred.numpy())
             log(dict(event="eval", epoch=epoch, head=c, **m),
                 f"epoch {epoch} eval head C{c}: NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
     if knn:
-        train = extract(model, train_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "kNN training features")
+        train = extract(model, train_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "kNN training features", dtype)
         labelled = train["labels"] >= 0
         top1 = knn_accuracy(train["backbone"][labelled], train["labels"][labelled], test["backbone"], test["labels"],
                             k=min(20, int(labelled.sum())), device=device)["top1"]

@@ -1337,13 +1337,36 @@ def test_eval_command_line_scores_superclasses_both_ways(trained, tmp_path, caps
     assert "acc_via_fine_classes" not in fine and "ACC-via-fine" not in ec.format_table({"head C=10": fine})
 
 
+def test_evaluation_runs_the_backbone_in_float32_unless_bf16_is_asked(trained, capsys, monkeypatch):
+    """The authors evaluate in float32, and so do extract and the command line by default; bf16 autocast (faster on a
+    GPU) gives other features. bf16 autocast exists on the CPU too, so this runs where CI runs."""
+    model, _ = sc.model_from_checkpoint(sc.load_checkpoint(trained / "ckpt.pt"))
+    test = sc.make_synthetic(train=False)
+    images = test.images[:64].float() / 255
+    exact = sc.extract(model, sc.ImageArray(test.images[:64], test.labels[:64], test.classes), 32, batch_size=64)
+    fast = sc.extract(model, sc.ImageArray(test.images[:64], test.labels[:64], test.classes), 32, batch_size=64,
+                      dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(exact["backbone"], model.eval().features(images))
+    assert not torch.equal(fast["backbone"], exact["backbone"])
+    assert F.cosine_similarity(fast["backbone"], exact["backbone"]).min() > 0.99
+    quick = ["--checkpoint", str(trained / "ckpt.pt"), "--kmeans-seeds", "0", "--no-knn", "--no-linear-probe",
+             "--workers", "0", "--device", "cpu"]
+    real_extract, dtypes = sc.extract, []
+    monkeypatch.setattr(sc, "extract", lambda *args: dtypes.append(args[-1]) or real_extract(*args))
+    fp32, bf16 = ec.main(quick)["head C=10"], ec.main(quick + ["--precision", "bf16"])["head C=10"]
+    assert dtypes == [None, torch.bfloat16] and abs(fp32["acc"] - bf16["acc"]) < 0.05, (fp32, bf16)
+
+
 def test_eval_command_line_baseline_without_checkpoint(tmp_path, capsys):
     weights = tmp_path / "r18.pth"
     torch.save({"module." + k: v for k, v in sc.build_model(sc.parse_config(["--stem", "imagenet"])).backbone.state_dict().items()}, weights)
     rows = ec.main(["--arch", "resnet18", "--stem", "imagenet", "--weights", str(weights), "--dataset", "synthetic",
-                    "--kmeans-seeds", "1", "--no-linear-probe", "--workers", "0", "--device", "cpu", "--batch-size", "1000"])
+                    "--kmeans-seeds", "1", "--no-linear-probe", "--workers", "0", "--device", "cpu", "--batch-size", "1000",
+                    "--knn-k", "10", "20", "100", "200"])  # the authors' four
     out = capsys.readouterr().out
-    assert "k-means backbone (k=10, l2, 1 seeds)" in out and "kNN k=200 (backbone)" in out and "linear probe" not in out
+    assert "k-means backbone (k=10, l2, 1 seeds)" in out and "linear probe" not in out
+    assert [row for row in rows if row.startswith("kNN")] == [f"kNN k={k} (backbone)" for k in (10, 20, 100, 200)]
     assert rows["kNN k=20 (backbone)"]["top1"] > 0.1  # even random features beat chance on these textures
 
 
@@ -1367,6 +1390,7 @@ def test_eval_random_initialisation_floor_is_reproducible():
     (["--batch-size", "0"], "must be >= 1"),          # used to print "range() arg 3 must not be zero"
     (["--workers", "-1"], "must be >= 0"),
     (["--image-size", "0"], "must be >= 1"),          # used to be taken as "no size given"
+    (["--knn-k", "0"], "must be >= 1"),
     (["--device", "gpu0"], "not a torch device"),
     (["--checkpoint", "", "--arch", "resnet18", "--dataset", "synthetic", "--grid-dir", "g"], "needs --checkpoint"),
 ])
