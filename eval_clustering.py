@@ -346,7 +346,7 @@ def check_probe_inputs(train_features, train_labels, test_features, test_labels)
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200, temperature=0.1,
-                 num_classes=None, chunk_rows=None, device=None):
+                 num_classes=None, chunk_rows=None, device=None, progress=None):
     """Weighted kNN accuracy of frozen features (Wu et al. 2018; the protocol of DINO, lightly and solo-learn).
 
     Both feature sets are l2-normalised, so x.y is the cosine similarity. Each test sample takes its k most similar
@@ -370,7 +370,8 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
 
     train_features [N, D], test_features [M, D]: arrays or tensors; train_labels [N], test_labels [M]: integer
     class labels >= 0 (-1, this project's mark for unlabelled, is refused). num_classes defaults to the largest
-    label + 1. Returns {"top1": acc, "top5": acc} with accuracies in [0, 1]; "top5" only with more than 5 classes.
+    label + 1. progress(done), when given, is called after each chunk with the number of test rows scored.
+    Returns {"top1": acc, "top5": acc} with accuracies in [0, 1]; "top5" only with more than 5 classes.
     """
     train_x, train_y, test_x, test_y = check_probe_inputs(train_features, train_labels, test_features, test_labels)
     n_train, n_test = len(train_x), len(test_x)
@@ -428,14 +429,20 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
         target = test_y[start:start + chunk_rows, None]
         correct1 += int((ranking[:, :1] == target).sum())
         correct5 += int((ranking == target).any(1).sum())
+        if progress:
+            progress(start + len(query))
     result = {"top1": correct1 / n_test}
     if num_classes > 5:
         result["top5"] = correct5 / n_test
     return result
 
 
+PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
 def linear_probe(train_features, train_labels, test_features, test_labels,
-                 weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2), val_fraction=0.1, max_iter=200, seed=0, device=None):
+                 weight_decays=PROBE_WEIGHT_DECAYS, val_fraction=0.1, max_iter=200, seed=0, device=None,
+                 progress=None):
     """Linear probe: multinomial logistic regression on frozen features, with the L2 penalty chosen on held-out data.
 
     Features are standardised with the training split's per-dimension mean and standard deviation (the test split
@@ -455,6 +462,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
     (ties: the larger one); the model is refitted on the whole training split from that solution and scored on the
     test split. Classes absent from the training split are never predicted; equal logits go to the lowest class.
     Deterministic for a given seed and device. Holds about three float32 copies of the training features.
+    progress(done), when given, is called after each of the len(weight_decays) + 1 fits.
 
     Returns {"top1": test accuracy in [0, 1], "weight_decay": chosen value, "val_top1": {weight_decay: accuracy}}.
     """
@@ -538,8 +546,12 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
     for wd in sorted(weight_decays, reverse=True):                        # strongest regularisation first
         params = solutions[wd] = fit(x_fit, y_fit, wd, params)
         val_top1[wd] = top1(params, x_val, labels_val)
+        if progress:
+            progress(len(val_top1))
     best = max(sorted(weight_decays, reverse=True), key=lambda wd: val_top1[wd])  # first maximum: the larger wd
     params = fit(x, y, best, solutions[best])
+    if progress:
+        progress(len(val_top1) + 1)
     return {"top1": top1(params, x_test, test_y.to(device)), "weight_decay": best,
             "val_top1": {wd: val_top1[wd] for wd in weight_decays}}
 
@@ -755,11 +767,13 @@ def evaluate(args):
             if to_superclass is not None:
                 train_labels = to_superclass[train_labels]
             for k in args.knn_k if args.knn else ():
+                progress = sc.Progress(f"kNN k={k}", len(labels), "test images")
                 rows[f"kNN k={k} (backbone)"] = knn_accuracy(train_features, train_labels, ev["backbone"], labels,
-                                                             k=min(k, len(train_labels)), device=args.device)
+                                                             k=min(k, len(train_labels)), device=args.device, progress=progress)
             if args.linear_probe:
+                progress = sc.Progress("linear probe", len(PROBE_WEIGHT_DECAYS) + 1, "fits")
                 rows["linear probe (backbone)"] = linear_probe(train_features, train_labels, ev["backbone"], labels,
-                                                               device=args.device)
+                                                               device=args.device, progress=progress)
     source = args.checkpoint or f"{args.arch} ({args.weights or f'random init, seed {args.init_seed}'})"
     print(f"{source} on {cfg.dataset} evaluation split ({len(labels)} images, {num_true} classes)")
     print(format_table(rows))

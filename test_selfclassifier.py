@@ -1163,6 +1163,16 @@ def test_knn_top5_only_with_more_than_five_classes():
     assert set(ec.knn_accuracy(train_x, train_y, test_x, test_y, k=5, num_classes=6, device="cpu")) == {"top1", "top5"}
 
 
+def test_knn_and_linear_probe_report_their_progress():
+    """Both take minutes on ImageNet-sized features: they call progress(done) as they go, which the command line shows."""
+    train_x, train_y, test_x, test_y = gaussian_data(classes=5)
+    scored, fits = [], []
+    ec.knn_accuracy(train_x, train_y, test_x, test_y, k=5, chunk_rows=7, device="cpu", progress=scored.append)
+    assert scored == list(range(7, len(test_y), 7)) + [len(test_y)]
+    ec.linear_probe(train_x, train_y, test_x, test_y, weight_decays=(1e-3, 1e-2), device="cpu", progress=fits.append)
+    assert fits == [1, 2, 3]  # two penalties on the held-out split, then the refit
+
+
 # =====================================================================================================
 # eval_clustering: linear probe
 # =====================================================================================================
