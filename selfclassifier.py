@@ -954,7 +954,8 @@ class Monitor:
 def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue, cfg, dtype):
     """One optimisation step on this rank's batch; returns (loss, logits per head per view, [images whose nearest
     neighbour has their label, labelled images] or None). `model` may be DDP-wrapped; `raw_model` is the unwrapped
-    SelfClassifier. Nothing is read back to the host: the GPU never waits for Python."""
+    SelfClassifier. Nothing is read back to the host (but the queue's fill count, until it has filled once), so on
+    a GPU the host can queue the next step while this one runs."""
     if views[0].is_cuda:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     with torch.autocast(views[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
