@@ -743,9 +743,10 @@ def evaluate(args):
     if to_superclass is not None:
         labels = to_superclass[labels]
     num_true = len(np.unique(labels))
-    rows = {f"head C={c}": cluster_metrics(labels, pred.numpy()) for c, pred in zip(cfg.num_classes, ev["predictions"])}
-    if to_superclass is not None:  # the authors' superclass ACC beside ours
-        for c, pred in zip(cfg.num_classes, ev["predictions"]):
+    rows = {}
+    for c, pred in zip(cfg.num_classes, ev["predictions"]):
+        rows[f"head C={c}"] = cluster_metrics(labels, pred.numpy())
+        if to_superclass is not None:  # the authors' superclass ACC beside ours
             rows[f"head C={c}"]["acc_via_fine_classes"] = superclass_accuracy(fine_labels, pred.numpy(), to_superclass)
     if args.kmeans_seeds > 0 or args.knn or args.linear_probe:
         train_set = sc.load_split(cfg, train=True)

@@ -932,12 +932,12 @@ class Monitor:
     def __init__(self, num_classes, device):
         self.counts = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
         self.last_batch = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
+        self.classes = [torch.arange(c, device=device) for c in num_classes]
 
     def update(self, logits):
         for head, s in enumerate(logits):
-            classes = torch.arange(s[0].shape[1], device=s[0].device)
             # not torch.bincount: on a GPU it reads the largest class back to the host, a sync every step
-            self.last_batch[head] = (s[0].argmax(1)[:, None] == classes).sum(0)
+            self.last_batch[head] = (s[0].argmax(1)[:, None] == self.classes[head]).sum(0)
             self.counts[head] += self.last_batch[head]
 
     def summary(self):

@@ -1352,12 +1352,11 @@ def test_evaluation_runs_the_backbone_in_float32_unless_bf16_is_asked(trained, c
     GPU) gives other features. bf16 autocast exists on the CPU too, so this runs where CI runs."""
     model, _ = sc.model_from_checkpoint(sc.load_checkpoint(trained / "ckpt.pt"))
     test = sc.make_synthetic(train=False)
-    images = test.images[:64].float() / 255
-    exact = sc.extract(model, sc.ImageArray(test.images[:64], test.labels[:64], test.classes), 32, batch_size=64)
-    fast = sc.extract(model, sc.ImageArray(test.images[:64], test.labels[:64], test.classes), 32, batch_size=64,
-                      dtype=torch.bfloat16)
+    few = sc.ImageArray(test.images[:64], test.labels[:64], test.classes)
+    exact = sc.extract(model, few, 32, batch_size=64)
+    fast = sc.extract(model, few, 32, batch_size=64, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert torch.equal(exact["backbone"], model.eval().features(images))
+        assert torch.equal(exact["backbone"], model.eval().features(few.images.float() / 255))
     assert not torch.equal(fast["backbone"], exact["backbone"])
     assert F.cosine_similarity(fast["backbone"], exact["backbone"]).min() > 0.99
     quick = ["--checkpoint", str(trained / "ckpt.pt"), "--kmeans-seeds", "0", "--no-knn", "--no-linear-probe",
