@@ -482,7 +482,9 @@ def test_cpu_run_on_synthetic_data_learns_the_classes(trained):
     assert len(evals) == 4 and all(r["head"] == 10 for r in evals)
     knn = [r for r in records if r["event"] == "knn"]  # the representation monitor: every 10 epochs and after the last
     assert [r["epoch"] for r in knn] == [3] and knn[0]["top1"] > 0.6
-    assert evals[-1]["acc"] > 0.6 and evals[-1]["nmi"] > 0.6, evals[-1]  # chance: ACC 0.1, NMI 0
+    # Untrained (lr 1e-9) the head scores ACC 0.18 / NMI 0.09; trained 0.66 to 0.82 / 0.83 to 0.91 over seeds 0-4, and
+    # 0.80 / 0.89 with seed 0 on another CPU: a 60-step run follows the CPU's rounding, so the margins are wide.
+    assert evals[-1]["acc"] > 0.5 and evals[-1]["nmi"] > 0.6, evals[-1]  # chance: ACC 0.1, NMI 0
     train_lines = [r for r in records if r["event"] == "train"]
     last = train_lines[-1]  # far from collapse (1 class); how many of the 10 are used depends on the torch version
     assert set(last["heads"]) == {"10", "20"} and last["heads"]["10"]["epoch_classes"] >= 7
@@ -1323,7 +1325,7 @@ def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, cap
     table = capsys.readouterr().out
     assert "head C=10" in table and "head C=20" in table and "k-means backbone" in table and "k-means projection" in table
     saved = json.loads(out_json.read_text())["scores"]
-    assert saved["head C=10"]["acc"] > 0.6 and "acc_majority" in saved["head C=20"]
+    assert saved["head C=10"]["acc"] > 0.5 and "acc_majority" in saved["head C=20"]
     assert saved["k-means backbone (k=10, l2, 2 seeds)"]["acc"]["mean"] > 0.3
     assert rows["head C=10"] == saved["head C=10"]
     assert "kNN k=20 (backbone)" in table and "linear probe (backbone)" in table and "top-1" in table
