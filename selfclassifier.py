@@ -135,8 +135,8 @@ class Config:
     batch_size: int = option(512, "images per GPU per step", type=positive_int)
     optimizer: str = option("lars", "lars = SGD + layer-wise trust ratio (apex LARC, clip=False); sgd = plain SGD", choices=("lars", "sgd"))
     lr: float = option(2.0, "peak learning rate (after warmup)", type=positive_float)
-    warmup_lr: float = option(0.2, "learning rate at step 0", type=non_negative_float)
-    final_lr: float = option(0.002, "learning rate at the last step", type=non_negative_float)
+    warmup_lr: float = option(0.2, "learning rate at step 0 (the warmup ends on --lr)", type=non_negative_float)
+    final_lr: float = option(0.002, "end of the cosine (the authors' schedule stops one step short of it)", type=non_negative_float)
     warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=non_negative_float)
     weight_decay: float = option(1e-5, "weight decay", type=non_negative_float)
     momentum: float = option(0.9, "SGD momentum", type=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"))
@@ -654,11 +654,13 @@ def build_optimizer(model, cfg):
 # Schedule: linear warmup, then cosine decay, per iteration
 # =====================================================================================================
 def lr_at(step, total_steps, warmup_steps, peak_lr, warmup_lr, final_lr):
-    """Learning rate at optimizer step `step` (0-based) of `total_steps`."""
+    """Learning rate at optimizer step `step` (0-based) of `total_steps`, step for step the authors' schedule (DINO's
+    cosine_scheduler): warmup_lr to peak_lr over the warmup steps, both ends included, then a cosine from peak_lr
+    at the first step after warmup towards final_lr, which it would reach one step after the last."""
     if step < warmup_steps:
-        return warmup_lr + (peak_lr - warmup_lr) * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
-    return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+        return warmup_lr + (peak_lr - warmup_lr) * step / max(1, warmup_steps - 1)
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * progress))
 
 
 # =====================================================================================================

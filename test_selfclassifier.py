@@ -453,12 +453,22 @@ def test_lars_exclude_1d_gives_biases_and_norms_plain_sgd_without_decay():
 # =====================================================================================================
 # 8. Schedule
 # =====================================================================================================
-def test_schedule_warms_up_linearly_then_follows_a_cosine():
-    lrs = [sc.lr_at(s, 100, 10, 2.0, 0.2, 0.002) for s in range(100)]
-    assert lrs[0] == 0.2 and math.isclose(lrs[5], 1.1) and lrs[10] == 2.0 and math.isclose(lrs[99], 0.002)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    mid = 10 + (99 - 10) / 2
-    assert math.isclose(sc.lr_at(mid, 100, 10, 2.0, 0.2, 0.002), (2.0 + 0.002) / 2)
+def authors_schedule(peak_lr, final_lr, epochs, steps_per_epoch, warmup_epochs, warmup_lr):
+    """A transcription of the authors' per-step schedule (DINO's cosine_scheduler, numpy)."""
+    warmup = np.linspace(warmup_lr, peak_lr, warmup_epochs * steps_per_epoch)
+    t = np.arange(epochs * steps_per_epoch - len(warmup))
+    return np.concatenate([warmup, final_lr + 0.5 * (peak_lr - final_lr) * (1 + np.cos(np.pi * t / len(t)))])
+
+
+@pytest.mark.parametrize("epochs, steps_per_epoch, warmup_epochs", [(10, 10, 1), (800, 3, 10), (5, 7, 0), (3, 1, 1)])
+def test_schedule_is_the_authors_step_for_step(epochs, steps_per_epoch, warmup_epochs):
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    ours = [sc.lr_at(s, total, warmup, 3.2, 0.2, 0.0032) for s in range(total)]
+    np.testing.assert_allclose(ours, authors_schedule(3.2, 0.0032, epochs, steps_per_epoch, warmup_epochs, 0.2), rtol=1e-12)
+    assert math.isclose(ours[0], 0.2 if warmup else 3.2) and math.isclose(ours[warmup], 3.2)
+    if warmup > 1:
+        assert math.isclose(ours[warmup - 1], 3.2)  # the warmup ends on the peak, and the cosine starts there
+    assert all(a > b for a, b in zip(ours[warmup:], ours[warmup + 1:])) and ours[-1] > 0.0032  # final_lr never reached
 
 
 # =====================================================================================================
