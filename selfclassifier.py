@@ -149,7 +149,7 @@ class Config:
     out_dir: str = option("out", "checkpoint ckpt.pt and log.jsonl go here; an existing ckpt.pt is resumed")
     resume: str = option("", "checkpoint to start from when OUT_DIR/ckpt.pt does not exist yet: one of ours, or one of the authors' released ones (model only, fresh optimizer)")
     max_steps: int = option(0, "stop after this many steps in total (0 = run all epochs; the schedule still spans --epochs)", type=non_negative_int)
-    log_every: int = option(50, "steps between log lines", type=positive_int)
+    log_every: int = option(50, "steps between log lines (and one after 1, 2, 4, ... steps: early feedback when steps are slow)", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints (one is always written at each epoch end)", type=positive_float)
     eval_every: int = option(1, "epochs between NMI/ACC evaluations on the test split (0 = never)", type=non_negative_int)
     knn_every: int = option(-1, "epochs between kNN monitors (top-1 of a k=20 weighted kNN on backbone features, the test split against the training split), and after the last epoch; -1 = every 10 epochs when the training split has at most 100,000 labelled images, 0 = never", type=int)
@@ -1067,7 +1067,8 @@ def train(cfg):
     knn_every = cfg.knn_every if cfg.knn_every >= 0 else (10 if 0 < labelled_train <= 100_000 else 0)
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    saved_step, last_save_time = step, time.time()
+    first_step = saved_step = step
+    last_save_time = time.time()
     if step >= last_step:
         log(dict(event="finished", step=step), f"already trained {step // steps_per_epoch} epochs ({step} steps) in "
             f"{out_dir}; nothing to do — use another --out-dir or more --epochs")  # the loop below is skipped
@@ -1121,7 +1122,9 @@ def train(cfg):
                 step += 1
                 images_seen += global_batch
 
-                if step % cfg.log_every == 0 or step == last_step or step % steps_per_epoch == 0:
+                steps_run = step - first_step  # by this process; 1, 2, 4, ... log early (the same steps on every rank)
+                early = steps_run < cfg.log_every and steps_run & (steps_run - 1) == 0
+                if early or step % cfg.log_every == 0 or step == last_step or step % steps_per_epoch == 0:
                     losses = check_losses()
                     elapsed = time.time() - t_interval
                     heads = monitor.summary()
