@@ -345,7 +345,10 @@ def check_probe_inputs(train_features, train_labels, test_features, test_labels)
     return out
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200, temperature=0.1,
+KNN_TEMPERATURE = 0.1  # the authors' knn_eval.py and lightly; DINO and solo-learn default to 0.07
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200, temperature=KNN_TEMPERATURE,
                  num_classes=None, chunk_rows=None, device=None, progress=None):
     """Weighted kNN accuracy of frozen features (Wu et al. 2018; the protocol of DINO, lightly and solo-learn).
 
@@ -614,6 +617,7 @@ def parse_args(argv=None):
     p.add_argument("--kmeans-n-init", type=sc.positive_int, default=1, help="k-means++ restarts per seed, best inertia kept (the authors: scikit-learn's 10)")
     p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True, help="weighted kNN accuracy on backbone features")
     p.add_argument("--knn-k", type=sc.positive_int, nargs="+", default=[20, 200], help="neighbour counts of the kNN rows (the authors' knn_eval.py: 10 20 100 200)")
+    p.add_argument("--knn-temperature", type=sc.positive_float, default=KNN_TEMPERATURE, help="T of the kNN vote: a neighbour's weight is exp(cosine / T); 0.1 as the authors' knn_eval.py and lightly, DINO and solo-learn use 0.07")
     p.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=True, help="linear-probe accuracy on backbone features")
     p.add_argument("--batch-size", type=sc.positive_int, default=512)
     p.add_argument("--workers", type=sc.non_negative_int, default=min(8, sc.available_cpus()))
@@ -767,10 +771,12 @@ def evaluate(args):
             train_features, train_labels = tr["backbone"][labelled], train_labels[labelled]
             if to_superclass is not None:
                 train_labels = to_superclass[train_labels]
+            other_t = f", T={args.knn_temperature:g}" if args.knn_temperature != KNN_TEMPERATURE else ""
             for k in args.knn_k if args.knn else ():
                 progress = sc.Progress(f"kNN k={k}", len(labels), "test images")
-                rows[f"kNN k={k} (backbone)"] = knn_accuracy(train_features, train_labels, ev["backbone"], labels,
-                                                             k=min(k, len(train_labels)), device=args.device, progress=progress)
+                rows[f"kNN k={k}{other_t} (backbone)"] = knn_accuracy(
+                    train_features, train_labels, ev["backbone"], labels, k=min(k, len(train_labels)),
+                    temperature=args.knn_temperature, device=args.device, progress=progress)
             if args.linear_probe:
                 progress = sc.Progress("linear probe", len(PROBE_WEIGHT_DECAYS) + 1, "fits")
                 rows["linear probe (backbone)"] = linear_probe(train_features, train_labels, ev["backbone"], labels,

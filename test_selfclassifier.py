@@ -1373,6 +1373,22 @@ def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, cap
     assert 7 <= len(list(grid_dir.glob("*.png"))) <= 10  # one per matched class the 10-class head predicts
 
 
+def test_eval_knn_temperature_reaches_the_vote_and_names_its_row(trained, monkeypatch, capsys):
+    """DINO and solo-learn vote with T = 0.07, the authors and lightly with 0.1: --knn-temperature picks, and a row
+    that is not the default says so."""
+    used, knn_accuracy = [], ec.knn_accuracy
+
+    def recording_knn(*args, **kwargs):
+        used.append(kwargs.get("temperature"))
+        return knn_accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(ec, "knn_accuracy", recording_knn)
+    flags = ["--checkpoint", str(trained / "ckpt.pt"), "--kmeans-seeds", "0", "--no-linear-probe", "--knn-k", "20",
+             "--workers", "0", "--device", "cpu"]
+    assert "kNN k=20 (backbone)" in ec.main(flags) and used == [0.1]
+    assert "kNN k=20, T=0.07 (backbone)" in ec.main(flags + ["--knn-temperature", "0.07"]) and used == [0.1, 0.07]
+
+
 def test_eval_command_line_scores_superclasses_both_ways(trained, tmp_path, capsys):
     """--class-map: the clusters scored against the superclass labels (ACC) and the authors' way (ACC-via-fine)."""
     textures = ("hstripes", "vstripes", "checker", "rings", "crosshatch")  # the synthetic classes without their period
@@ -1441,6 +1457,7 @@ def test_eval_random_initialisation_floor_is_reproducible():
     (["--workers", "-1"], "must be >= 0"),
     (["--image-size", "0"], "must be >= 1"),          # used to be taken as "no size given"
     (["--knn-k", "0"], "must be >= 1"),
+    (["--knn-temperature", "0"], "must be > 0"),
     (["--device", "gpu0"], "not a torch device"),
     (["--checkpoint", "", "--arch", "resnet18", "--dataset", "synthetic", "--grid-dir", "g"], "needs --checkpoint"),
 ])
