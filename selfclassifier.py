@@ -314,7 +314,7 @@ def load_split(cfg, train):
 # =====================================================================================================
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 JITTER_PROB, GRAY_PROB, FLIP_PROB, RATIO = 0.8, 0.2, 0.5, (3 / 4, 4 / 3)
-BLUR_SIGMA = (0.1, 2.0)  # in pixels of the crop, whatever its size (PIL's GaussianBlur radius, as the authors)
+BLUR_SIGMA = (0.1, 2.0)  # in pixels of the crop, whatever its size: the radius of the authors' PIL GaussianBlur
 
 
 @dataclass
@@ -1123,7 +1123,7 @@ def train(cfg):
                 images_seen += global_batch
 
                 steps_run = step - first_step  # by this process; 1, 2, 4, ... log early (the same steps on every rank)
-                early = steps_run < cfg.log_every and steps_run & (steps_run - 1) == 0
+                early = steps_run < cfg.log_every and (steps_run & (steps_run - 1)) == 0
                 if early or step % cfg.log_every == 0 or step == last_step or step % steps_per_epoch == 0:
                     losses = check_losses()
                     elapsed = time.time() - t_interval
