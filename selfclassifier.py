@@ -408,10 +408,61 @@ def gaussian_blur(x, sigma, kernel_size):
     return x.view(B, C, H, W)
 
 
+def random_crop_boxes(n, height, width, scale, gen, device):
+    """torchvision's RandomResizedCrop.get_params (the authors' crop), for n images at once: up to 10 draws of an
+    area fraction in `scale` and a log-uniform aspect ratio in RATIO, the first whose rounded box fits; if none
+    does, the central crop of the nearest allowed ratio; then a uniform integer position. -> (top, left, h, w) [n]."""
+    tries = 10
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, device=device, generator=gen))
+    log_ratio = math.log(RATIO[0]) + math.log(RATIO[1] / RATIO[0]) * torch.rand(n, tries, device=device, generator=gen)
+    w = (area * log_ratio.exp()).sqrt().round()
+    h = (area / log_ratio.exp()).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # index of the first draw that fits
+    if width / height < RATIO[0]:  # the fallback box, as torchvision's
+        fallback = width, round(width / RATIO[0])
+    elif width / height > RATIO[1]:
+        fallback = round(height * RATIO[1]), height
+    else:
+        fallback = width, height
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fallback[0])
+    h = torch.where(found, h.gather(1, first).squeeze(1), fallback[1])
+    top = torch.where(found, (torch.rand(n, device=device, generator=gen) * (height - h + 1)).floor(), (height - h) // 2)
+    left = torch.where(found, (torch.rand(n, device=device, generator=gen) * (width - w + 1)).floor(), (width - w) // 2)
+    return top, left, h, w
+
+
+def resize_weights(start, length, size, in_size):
+    """[n, size, in_size]: row o of image b holds the weights with which output pixel o reads input pixels
+    start[b] ... start[b] + length[b] - 1: the antialiased bicubic filter of PIL (which the authors resize with) and
+    of torch's antialias=True (a = -0.5), widened by the shrink factor when the crop is shrunk, cut to the crop."""
+    scale = (length / size).view(-1, 1, 1)  # input pixels per output pixel
+    centre = (torch.arange(size, device=start.device) + 0.5).view(1, -1, 1) * scale
+    x = torch.arange(in_size, device=start.device).view(1, 1, -1) - start.view(-1, 1, 1)  # in crop coordinates
+    t = (x + 0.5 - centre).abs() / scale.clamp(min=1)
+    a = -0.5
+    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1, torch.where(t < 2, a * (((t - 5) * t + 8) * t - 4), 0.0))
+    weights = cubic * ((x >= 0) & (x < length.view(-1, 1, 1)))
+    return weights / weights.sum(2, keepdim=True)
+
+
+def resized_crops(images, top, left, h, w, size, flip):
+    """Crop image b to rows top[b] ... + h[b], columns left[b] ... + w[b], resize to size x size and mirror where
+    flip[b]: uint8 [B, 3, H, W] -> float [B, 3, size, size] in [0, 1]. As PIL (the authors') and torchvision's uint8
+    resize: antialiased bicubic, horizontal pass first, each pass rounded and clipped to uint8 levels."""
+    rows = resize_weights(top, h, size, images.shape[2])  # [B, size, H]
+    cols = resize_weights(left, w, size, images.shape[3])  # [B, size, W]
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
+    x = torch.einsum("bchw,btw->bcht", images.float(), cols).round().clamp(0, 255)
+    x = torch.einsum("bsh,bcht->bcst", rows, x).round().clamp(0, 255)
+    return x / 255
+
+
 def batch_view(images, spec, gen, jitter_order=(0, 1, 2, 3)):
     """One view of a whole batch: uint8 [B, 3, H, W] -> float [B, 3, size, size] in [0, 1], every image with
-    its own random crop, flip, jitter factors, grayscale, blur and solarisation. Differences from torchvision:
-    a crop that does not fit is clamped instead of re-drawn, and the jitter order is shared by the batch."""
+    its own random crop, flip, jitter factors, grayscale, blur and solarisation. One difference from torchvision's
+    per-image transforms: the order of the four colour jitters is drawn once per batch, not per image."""
     B, _, H, W = images.shape
     dev = images.device
 
@@ -421,19 +472,9 @@ def batch_view(images, spec, gen, jitter_order=(0, 1, 2, 3)):
     def chance(p):
         return torch.rand(B, device=dev, generator=gen) < p
 
-    # RandomResizedCrop + horizontal flip as one affine resampling: output [-1, 1] -> crop window in the input.
-    area = uniform(*spec.scale) * H * W
-    aspect = torch.exp(uniform(math.log(RATIO[0]), math.log(RATIO[1])))
-    w = (area * aspect).sqrt().clamp(max=W)
-    h = (area / aspect).sqrt().clamp(max=H)
-    cx = w / 2 + uniform(0, 1) * (W - w)
-    cy = h / 2 + uniform(0, 1) * (H - h)
-    flip = torch.where(chance(FLIP_PROB), -1.0, 1.0)
-    theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2] = flip * w / W, 2 * cx / W - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h / H, 2 * cy / H - 1
-    grid = F.affine_grid(theta, [B, 3, spec.size, spec.size], align_corners=False)
-    x = F.grid_sample(images.float() / 255, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
+    # RandomResizedCrop + horizontal flip, as torchvision's (and the authors' PIL) per image.
+    top, left, h, w = random_crop_boxes(B, H, W, spec.scale, gen, dev)
+    x = resized_crops(images, top, left, h, w, spec.size, chance(FLIP_PROB))
 
     # Colour jitter with probability JITTER_PROB (factor 1 / shift 0 means "not applied"), in jitter_order.
     jitter = chance(JITTER_PROB)
