@@ -9,7 +9,7 @@ Metrics follow scikit-learn's definitions exactly (NMI and AMI with the arithmet
 the exact expected mutual information, ARI as adjusted_rand_score), with numpy and scipy only. ACC is the
 accuracy after the best one-to-one matching of clusters to classes (Hungarian algorithm); with more clusters
 than classes, acc_majority maps each cluster to its most frequent class and acc_hungarian_majority is the
-authors' variant (matching first, majority for the clusters left over). superclass_accuracy is the authors'
+authors' variant as their code computes it (matching first, majority for the clusters left over). superclass_accuracy is the authors'
 superclass ACC (clusters matched to fine classes, scored on their superclasses).
 
 The functions above the command-line section import nothing from selfclassifier.py; only the command line,
@@ -132,19 +132,35 @@ def hungarian_accuracy(contingency):
     return float(contingency[row, col].sum() / contingency.sum()), dict(zip(col.tolist(), row.tolist()))
 
 
-def matched_then_majority(contingency):
-    """The authors' class for every cluster (column): the best one-to-one matching (their Hungarian on the matrix
-    padded to a square has the same optimum), then every cluster left without a class takes its majority class.
-    Equal to theirs except where several one-to-one matchings are equally good and they break the tie otherwise."""
-    _, cluster_to_class = hungarian_accuracy(contingency)
-    assigned = contingency.argmax(0)
-    assigned[list(cluster_to_class)] = list(cluster_to_class.values())
-    return assigned
+AUTHORS_SQUARE_LIMIT = 10_000  # ids up to this use the authors' id-indexed square matrix (at 10,000: 0.8 GB of counts)
 
 
-def hungarian_majority_accuracy(contingency):
+def matched_then_majority(y_true, y_pred):
+    """The class each sample's cluster stands for, as the authors' over-clustering evaluation (their cls_eval.py)
+    decides it, tie-breaking included. Counts [cluster id, class id] in a square matrix indexed by the ids
+    themselves (0 ... largest id, so a cluster id never predicted is an all-zero row), Hungarian on it; then, with
+    more clusters than classes, every cluster matched to an id of no class takes its majority class (else it is
+    wrong: -1). A class may thus be matched to a cluster id nobody predicted, which leaves a real cluster to its
+    majority class: not the same as matching the predicted clusters alone. Negative ids, or ids from
+    AUTHORS_SQUARE_LIMIT up, are first replaced by their rank (outside the authors' domain)."""
+    y_true, y_pred = check_labels(y_true, y_pred)
+    classes = None
+    if min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= AUTHORS_SQUARE_LIMIT:
+        classes, y_true = np.unique(y_true, return_inverse=True)
+        y_pred = np.unique(y_pred, return_inverse=True)[1]
+    size = int(max(y_true.max(), y_pred.max())) + 1
+    count = np.bincount(y_pred * size + y_true, minlength=size * size).reshape(size, size)
+    _, cluster_class = linear_sum_assignment(count.max() - count)  # row i is cluster id i
+    is_class = np.bincount(y_true, minlength=size) > 0
+    over_clustering = len(np.unique(y_pred)) > is_class.sum()
+    cluster_class = np.where(is_class[cluster_class], cluster_class, count.argmax(1) if over_clustering else -1)
+    predicted = cluster_class[y_pred]
+    return predicted if classes is None else np.where(predicted >= 0, classes[predicted.clip(0)], -1)
+
+
+def hungarian_majority_accuracy(y_true, y_pred):
     """The authors' over-clustering accuracy: samples whose class is their cluster's matched_then_majority class."""
-    return float(contingency[matched_then_majority(contingency), np.arange(contingency.shape[1])].sum() / contingency.sum())
+    return float((matched_then_majority(y_true, y_pred) == np.asarray(y_true)).mean())
 
 
 def superclass_accuracy(y_fine, y_pred, to_superclass):
@@ -156,23 +172,22 @@ def superclass_accuracy(y_fine, y_pred, to_superclass):
     to_superclass = np.asarray(to_superclass)
     if y_fine.min() < 0 or y_fine.max() >= len(to_superclass):
         raise ValueError(f"fine labels must index to_superclass ({len(to_superclass)} entries), got {y_fine.min()}..{y_fine.max()}")
-    classes, clusters = np.unique(y_fine), np.unique(y_pred)
-    cluster_class = classes[matched_then_majority(contingency_matrix(y_fine, y_pred))]   # per cluster
-    predicted = to_superclass[cluster_class[np.searchsorted(clusters, y_pred)]]
-    return float((predicted == to_superclass[y_fine]).mean())
+    predicted = matched_then_majority(y_fine, y_pred)
+    return float(((predicted >= 0) & (to_superclass[predicted.clip(0)] == to_superclass[y_fine])).mean())
 
 
 def cluster_metrics(y_true, y_pred):
-    """NMI, AMI, ARI, ACC of predicted clusters against true classes. Same values and edge cases as
-    scikit-learn's normalized_mutual_info_score, adjusted_mutual_info_score, adjusted_rand_score (arithmetic-mean
-    normalisation). With more clusters than classes also acc_majority (every cluster -> its majority class) and
+    """NMI, AMI, ARI, ACC of predicted clusters against true classes. The values of scikit-learn's
+    normalized_mutual_info_score, adjusted_mutual_info_score, adjusted_rand_score (arithmetic-mean normalisation),
+    and exactly 1 for one partition under two namings; empty or non-integer labels are refused (ValueError), where
+    scikit-learn scores empty labelings 1 and accepts integer-valued floats. With more clusters than classes also acc_majority (every cluster -> its majority class) and
     acc_hungarian_majority (the authors' protocol: one-to-one matching, then majority for the rest)."""
     y_true, y_pred = check_labels(y_true, y_pred)
     cont = contingency_matrix(y_true, y_pred)
     n = len(y_true)
     num_classes, num_clusters = cont.shape
-    if num_classes == num_clusters == 1:  # neither labeling splits the data: a perfect match
-        nmi = ami = 1.0
+    if num_classes == num_clusters == np.count_nonzero(cont):  # one partition under two namings (one cluster
+        nmi = ami = 1.0  # included): exactly 1, where MI and entropy, computed apart, differ in their last bits
     elif num_classes == 1 or num_clusters == 1:  # one labeling carries no information
         nmi = ami = 0.0
     else:
@@ -180,15 +195,14 @@ def cluster_metrics(y_true, y_pred):
         h_mean = (entropy(cont.sum(1)) + entropy(cont.sum(0))) / 2
         nmi = mi / h_mean if mi > 0 else 0.0
         emi = expected_mutual_info(cont.sum(1), cont.sum(0), n)
-        # scikit-learn keeps numerator and denominator at least eps away from 0, sign preserved, so that a
-        # perfect match whose E[MI] equals its entropy (e.g. all singletons) scores 1, not 0/0
+        # as scikit-learn: numerator and denominator kept at least eps away from 0, sign preserved
         eps = np.finfo(np.float64).eps
         numerator, denominator = (min(v, -eps) if v < 0 else max(v, eps) for v in (mi - emi, h_mean - emi))
         ami = numerator / denominator
     scores = dict(nmi=float(nmi), ami=float(ami), ari=adjusted_rand_index(cont), acc=hungarian_accuracy(cont)[0])
     if num_clusters > num_classes:
         scores["acc_majority"] = float(cont.max(0).sum() / n)
-        scores["acc_hungarian_majority"] = hungarian_majority_accuracy(cont)
+        scores["acc_hungarian_majority"] = hungarian_majority_accuracy(y_true, y_pred)
     return scores
 
 
@@ -359,7 +373,8 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
     which leaves every ranking unchanged but cannot overflow float32 at small temperatures (exp(1 / 0.01) does).
     temperature=math.inf gives every neighbour weight 1: the plain majority vote.
 
-    Tie rules (so that, on a given device, the answer depends neither on chunk_rows nor on torch.topk):
+    Tie rules (so that the answer does not depend on which of several tied candidates torch.topk returns; exact ties
+    of similarities can still differ with chunk_rows, as a one-row chunk may round a dot product differently):
       * neighbours: when several training samples share the k-th largest similarity, the ones with the lowest
         training index are taken (torch.topk alone may pick any of them);
       * votes: each class adds its neighbours' weights one at a time, most similar first, so classes that receive
@@ -513,7 +528,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
 
     def fit(features, labels, weight_decay, start):
         """Minimise L(W, b) from the start (W, b) with full-batch L-BFGS; returns (W [classes, D], b [classes])."""
-        d = (lam + weight_decay).clamp_min(1e-6 * float(lam.max())).rsqrt()
+        d = (lam + weight_decay).clamp_min(1e-6 * float(lam.max()) or 1.0).rsqrt()  # 1.0: constant features, no decay
         basis = eigvec * d                                                # [D, D]: W = V basis^T
         v, b = start[0] @ (eigvec / d), start[1].clone()                  # V = W E diag(1 / d)
         optimizer = torch.optim.LBFGS([v, b], lr=1, max_iter=max_iter, history_size=10,
@@ -541,7 +556,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
         """Accuracy of argmax(x W^T + b), mapped back to the original labels (first maximum on ties)."""
         with torch.no_grad():
             pred = classes[F.linear(features, *params).argmax(1)]
-        return float((pred == labels).float().mean())
+        return int((pred == labels).sum()) / len(labels)  # exact, not a float32 mean
 
     params = (torch.zeros(len(classes), x.shape[1], device=device), torch.zeros(len(classes), device=device))
     solutions, val_top1 = {}, {}
@@ -586,6 +601,8 @@ def read_class_map(path, class_names):
         i = index_of.get(name, int(name) if name.isdigit() and int(name) < len(class_names) else None)
         if i is None:
             raise ValueError(f"--class-map {path} names class {name!r}, which is neither a class folder nor a class index")
+        if mapping[i] >= 0:
+            raise ValueError(f"--class-map {path} names class {class_names[i]!r} twice")
         mapping[i] = superclasses.setdefault(superclass, len(superclasses))
     if (mapping < 0).any():
         raise ValueError(f"--class-map {path} gives no superclass for class {class_names[int(np.argmax(mapping < 0))]!r}")
@@ -667,10 +684,19 @@ def load_model_and_config(args):
     if args.weights:
         if not Path(args.weights).is_file():
             raise sc.UserError(f"--weights {args.weights} does not exist")
-        weights = torch.load(args.weights, map_location="cpu", weights_only=True)
-        weights = sc.strip_prefixes(weights.get("state_dict", weights))
-        weights = {k.removeprefix("backbone."): v for k, v in weights.items() if not k.startswith("fc.")}
-        missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
+        try:
+            weights = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except Exception as error:  # not a torch file, truncated, or pickled objects beyond tensors
+            raise sc.UserError(f"cannot read --weights {args.weights} ({type(error).__name__}: {(str(error) or '?').splitlines()[0]})") from None
+        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
+        if not isinstance(weights, dict):
+            raise sc.UserError(f"--weights {args.weights} holds a {type(weights).__name__}, not a state_dict")
+        weights = {k.removeprefix("backbone."): v for k, v in sc.strip_prefixes(weights).items() if not k.startswith("fc.")}
+        try:
+            missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
+        except RuntimeError as error:  # tensors of another shape: another architecture
+            raise sc.UserError(f"--weights {args.weights} does not fit --arch {args.arch}: "
+                               f"{str(error).splitlines()[-1].strip()}") from None
         if missing:
             raise sc.UserError(f"--weights {args.weights} lacks {len(missing)} {args.arch} tensors, e.g. {missing[0]}")
     return model, cfg
@@ -708,7 +734,7 @@ def save_grids(grid_dir, dataset, size, labels, predictions, class_names, per_cl
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     _, cluster_to_class = hungarian_accuracy(contingency_matrix(labels, predictions))
-    clusters = np.unique(predictions)
+    classes, clusters = np.unique(labels), np.unique(predictions)  # the matching's positions -> labels
     rng = np.random.default_rng(seed)
     transform = sc.eval_transform(size)
     for position, class_index in sorted(cluster_to_class.items(), key=lambda kv: kv[1]):
@@ -719,7 +745,8 @@ def save_grids(grid_dir, dataset, size, labels, predictions, class_names, per_cl
             images = dataset.images[chosen].float() / 255
         else:
             images = torch.stack([transform(dataset[int(i)][0]) for i in chosen])
-        name = class_names[class_index] if class_index < len(class_names) else str(class_index)
+        label = classes[class_index]
+        name = class_names[label] if label < len(class_names) else str(label)
         torchvision.utils.save_image(images, grid_dir / f"cluster{cluster:04d}_matched-{name}.png", nrow=4, padding=1)
 
 
@@ -733,16 +760,16 @@ def evaluate(args):
     model = model.to(args.device)
     size = args.image_size or cfg.global_size
     eval_set = sc.load_split(cfg, train=False)
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
-    ev = sc.extract(model, eval_set, size, args.batch_size, args.workers, args.device, "evaluation-split features", dtype)
-    labels, class_names = ev["labels"].numpy(), list(eval_set.classes)
-    if (labels < 0).any():
-        raise ValueError(f"the {cfg.dataset} evaluation split is unlabelled: nothing to score against")
-    to_superclass = None
-    if args.class_map:
+    to_superclass, class_names = None, list(eval_set.classes)
+    if args.class_map:  # read before the features are extracted: a bad map fails at once
         to_superclass, class_names = read_class_map(args.class_map, class_names)
     elif cfg.dataset == "cifar100" and not args.cifar100_fine:
         to_superclass, class_names = CIFAR100_SUPERCLASS, [f"superclass{i}" for i in range(20)]
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+    ev = sc.extract(model, eval_set, size, args.batch_size, args.workers, args.device, "evaluation-split features", dtype)
+    labels = ev["labels"].numpy()
+    if (labels < 0).any():
+        raise ValueError(f"the {cfg.dataset} evaluation split is unlabelled: nothing to score against")
     fine_labels = labels
     if to_superclass is not None:
         labels = to_superclass[labels]

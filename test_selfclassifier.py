@@ -941,8 +941,14 @@ def test_metrics_on_hand_computed_cases_and_edge_cases():
     # one cluster on both sides: a perfect (trivial) match; one cluster on one side: no information
     assert ec.cluster_metrics([3, 3, 3], [7, 7, 7]) == dict(nmi=1.0, ami=1.0, ari=1.0, acc=1.0)
     assert ec.cluster_metrics([0, 0, 1, 1], [0, 0, 0, 0])["nmi"] == 0.0
-    # all singletons: AMI = 1 as in scikit-learn (numerator and denominator both clamped to eps)
-    assert ec.cluster_metrics([0, 1], [1, 0])["ami"] == 1.0
+    # the same partition, all singletons included (where E[MI] equals the entropy and AMI is rounding noise over
+    # rounding noise unless the identity is recognised): exactly 1, as scikit-learn, at every size
+    rng = np.random.default_rng(0)
+    for n in range(2, 200):
+        y = rng.integers(0, int(rng.integers(1, n + 1)), n)
+        for y_true in (np.arange(n), y):
+            scores = ec.cluster_metrics(y_true, rng.permutation(n)[y_true])
+            assert scores["nmi"] == scores["ami"] == scores["ari"] == scores["acc"] == 1.0, n
     # hand-computed: y_true = [0,0,0,1,1,1], y_pred = [0,0,1,1,2,2]; ACC = 4/6, majority ACC = 5/6
     scores = ec.cluster_metrics([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2])
     assert math.isclose(scores["acc"], 4 / 6) and math.isclose(scores["acc_majority"], 5 / 6)
@@ -1009,6 +1015,21 @@ def test_overclustering_accuracy_equals_the_authors_protocol():
         assert math.isclose(scores["acc_hungarian_majority"], authors_overclustering_accuracy(y_true, y_pred)), trial
         assert scores["acc"] <= scores["acc_hungarian_majority"] <= scores["acc_majority"]
     assert "acc_hungarian_majority" not in ec.cluster_metrics([0, 1, 1], [1, 0, 0])
+    # Cluster ids nobody predicted are rows of their matrix on which a class can be parked, freeing a real cluster
+    # for its majority class: 4/5 here, where matching the predicted clusters alone gives 3/5.
+    assert ec.cluster_metrics([1, 1, 1, 0, 1], [5, 1, 3, 3, 3])["acc_hungarian_majority"] == 0.8
+    differs_from_rectangular = 0
+    for trial in range(2000):  # small inputs with gaps in the ids and many ties: equal, tie-breaking included
+        n = int(rng.integers(3, 30))
+        y_true, y_pred = rng.integers(0, int(rng.integers(2, 5)), n), rng.integers(0, int(rng.integers(2, 9)), n)
+        if len(np.unique(y_pred)) > len(np.unique(y_true)):
+            ours = ec.cluster_metrics(y_true, y_pred)["acc_hungarian_majority"]
+            assert ours == authors_overclustering_accuracy(y_true, y_pred), (y_true, y_pred)
+            cont = ec.contingency_matrix(y_true, y_pred)
+            classes, clusters = linear_sum_assignment(cont, maximize=True)
+            rectangular = cont.max(0).sum() - (cont.max(0)[clusters] - cont[classes, clusters]).sum()
+            differs_from_rectangular += rectangular != ours * n
+    assert differs_from_rectangular > 20  # the cases above are not all easy ones
 
 
 def authors_superclass_accuracy(targets, preds, superclass_mapping):
@@ -1039,6 +1060,13 @@ def test_superclass_accuracy_equals_the_authors_protocol():
         identity = ec.cluster_metrics(y_fine, y_pred)  # each fine class its own superclass: the plain protocol
         assert math.isclose(ec.superclass_accuracy(y_fine, y_pred, np.arange(num_fine)),
                             identity.get("acc_hungarian_majority", identity["acc"])), trial
+    for trial in range(2000):  # small inputs with gaps in the ids and many ties: equal, tie-breaking included
+        n, num_fine = int(rng.integers(3, 30)), int(rng.integers(2, 6))
+        y_fine, y_pred = rng.integers(0, num_fine, n), rng.integers(0, int(rng.integers(2, 9)), n)
+        to_superclass = rng.integers(0, 2, num_fine)
+        _, _, cols = authors_matching(y_fine, y_pred)
+        if np.isin(cols[np.unique(y_pred)], y_fine).all():  # else theirs maps a cluster to a class id not in the data
+            assert ec.superclass_accuracy(y_fine, y_pred, to_superclass) == authors_superclass_accuracy(y_fine, y_pred, to_superclass)
     # by hand: two clusters that are both mostly superclass 0. Matched to superclasses one-to-one, one of them must
     # take superclass 1 (ACC 3/5); matched to fine classes 0 and 1, both predict superclass 0 (4/5).
     y_fine, y_pred, to_superclass = np.array([0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 1]), np.array([0, 0, 1])
@@ -1431,7 +1459,7 @@ def test_eval_knn_temperature_reaches_the_vote_and_names_its_row(trained, monkey
     assert "kNN k=20, T=0.07 (backbone)" in ec.main(flags + ["--knn-temperature", "0.07"]) and used == [0.1, 0.07]
 
 
-def test_eval_command_line_scores_superclasses_both_ways(trained, tmp_path, capsys):
+def test_eval_command_line_scores_superclasses_both_ways(trained, tmp_path, capsys, monkeypatch):
     """--class-map: the clusters scored against the superclass labels (ACC) and the authors' way (ACC-via-fine)."""
     textures = ("hstripes", "vstripes", "checker", "rings", "crosshatch")  # the synthetic classes without their period
     (tmp_path / "map.txt").write_text("".join(f"{i} {textures[i // 2]}\n" for i in range(10)))
@@ -1444,6 +1472,11 @@ def test_eval_command_line_scores_superclasses_both_ways(trained, tmp_path, caps
     assert "ACC-via-fine" in out and "5 classes" in out
     assert coarse["acc_via_fine_classes"] >= fine["acc"]  # a right fine class is a right superclass
     assert "acc_via_fine_classes" not in fine and "ACC-via-fine" not in ec.format_table({"head C=10": fine})
+    (tmp_path / "twice.txt").write_text("0 a\n0 b\n" + "".join(f"{i} c\n" for i in range(1, 10)))
+    monkeypatch.setattr(sc, "extract", lambda *args: pytest.fail("features extracted before the map was read"))
+    with pytest.raises(SystemExit) as exit_info:  # a bad map fails at once, in one line
+        ec.main(quick + ["--class-map", str(tmp_path / "twice.txt")])
+    assert exit_info.value.code == 2 and "names class 'hstripes-p4' twice" in capsys.readouterr().err
 
 
 def test_evaluation_runs_the_backbone_in_float32_unless_bf16_is_asked(trained, capsys, monkeypatch):
@@ -1476,6 +1509,20 @@ def test_eval_command_line_baseline_without_checkpoint(tmp_path, capsys):
     assert "k-means backbone (k=10, l2, 1 seeds)" in out and "linear probe" not in out
     assert [row for row in rows if row.startswith("kNN")] == [f"kNN k={k} (backbone)" for k in (10, 20, 100, 200)]
     assert rows["kNN k=20 (backbone)"]["top1"] > 0.1  # even random features beat chance on these textures
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b"garbage"), "cannot read --weights"),
+    (lambda p: torch.save([torch.zeros(1)], p), "holds a list, not a state_dict"),
+    (lambda p: torch.save(sc.torchvision.models.resnet50().state_dict(), p), "does not fit --arch resnet18: size mismatch"),
+])
+def test_eval_bad_weights_files_are_one_line_errors(tmp_path, make, message):
+    path = tmp_path / "weights.pth"
+    make(path)
+    args = ec.parse_args(["--arch", "resnet18", "--dataset", "synthetic", "--weights", str(path)])
+    with pytest.raises(sc.UserError, match=message) as error:  # main prints a UserError as one line
+        ec.load_model_and_config(args)
+    assert "\n" not in str(error.value)
 
 
 def test_eval_random_initialisation_floor_is_reproducible():
