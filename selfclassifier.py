@@ -973,7 +973,9 @@ def use_batch_aug(cfg, dataset):
 
 
 class Monitor:
-    """Collapse monitors per head: predicted class counts of global view 1 over the epoch, summed over ranks."""
+    """Collapse monitors per head: predicted class counts over the epoch, summed over ranks, of global view 2, the
+    view the nearest-neighbour queue never replaces (view 1's logits are its neighbours' once the queue is full);
+    the authors monitor the same view."""
 
     def __init__(self, num_classes, device):
         self.counts = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
@@ -983,7 +985,7 @@ class Monitor:
     def update(self, logits):
         for head, s in enumerate(logits):
             # not torch.bincount: on a GPU it reads the largest class back to the host, a sync every step
-            self.last_batch[head] = (s[0].argmax(1)[:, None] == self.classes[head]).sum(0)
+            self.last_batch[head] = (s[1].argmax(1)[:, None] == self.classes[head]).sum(0)
             self.counts[head] += self.last_batch[head]
 
     def summary(self):
@@ -1167,9 +1169,10 @@ def train(cfg):
                 early = steps_run < cfg.log_every and (steps_run & (steps_run - 1)) == 0
                 if early or step % cfg.log_every == 0 or step == last_step or step % steps_per_epoch == 0:
                     losses = check_losses()
+                    loss_mean = all_reduce_sum(torch.tensor([sum(losses) / len(losses)], device=device)) / world_size()
                     elapsed = time.time() - t_interval
                     heads = monitor.summary()
-                    record = dict(event="train", epoch=epoch, step=step, loss=sum(losses) / len(losses), lr=lr,
+                    record = dict(event="train", epoch=epoch, step=step, loss=float(loss_mean), lr=lr,  # mean over ranks
                                   images_per_s=images_seen / elapsed, data_wait=wait_time / elapsed,
                                   heads={c: dict(batch_classes=b, epoch_classes=e, entropy=h, log_c=lc) for c, (b, e, h, lc) in heads.items()})
                     same_label, labelled = torch.stack(nn_agree).sum(0).tolist() if nn_agree else (0, 0)

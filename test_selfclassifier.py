@@ -609,8 +609,9 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu():
         monitor.update([[s.detach() for s in head] for head in logits])
     assert step.seen == [], step.seen
     assert agree[1] == 6 and 0 <= agree[0] <= 6  # (same label as the neighbour, labelled images)
-    for head, c in enumerate(cfg.num_classes):
-        assert torch.equal(monitor.counts[head], torch.bincount(logits[head][0].argmax(1), minlength=c))
+    for head, c in enumerate(cfg.num_classes):  # the monitor counts view 2: view 1's logits are the neighbours'
+        assert torch.equal(monitor.counts[head], torch.bincount(logits[head][1].argmax(1), minlength=c))
+        assert not torch.equal(monitor.counts[head], torch.bincount(logits[head][0].argmax(1), minlength=c))
 
 
 def test_checkpoint_holds_everything_and_loads_with_prefixes(trained):
