@@ -140,7 +140,7 @@ class Config:
     warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=non_negative_float)
     weight_decay: float = option(1e-5, "weight decay", type=non_negative_float)
     momentum: float = option(0.9, "SGD momentum", type=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"))
-    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, norms, weight-norm magnitudes): DINO's choice, not the authors' (they adapt every parameter; their --no-bias-wd only drops the decay)")
+    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, BatchNorm weights; the heads' weight-norm magnitudes are [C, 1] and stay in): DINO's choice, not the authors' (they adapt every parameter; their --no-bias-wd only drops the decay)")
     # run
     precision: str = option("auto", "autocast dtype of the backbone; auto = bf16 on GPU, fp32 on CPU (projection, heads and loss always run in float32)", choices=("auto", "bf16", "fp16", "fp32"))
     compile: bool = option(False, "torch.compile the backbone")
@@ -326,7 +326,8 @@ class ViewSpec:
 
 
 def view_specs(cfg):
-    """The crops of one image in order: global 1 (blur), global 2 (some blur, solarisation), local crops."""
+    """The crops of one image in order: global 1 (the paper blurs it with p 0.1), global 2 (blur p 1.0 and
+    solarisation), local crops."""
     blur1, blur2, blur_local = cfg.blur_prob
     return ([ViewSpec(cfg.global_size, tuple(cfg.global_scale), blur1, 0.0),
              ViewSpec(cfg.global_size, tuple(cfg.global_scale), blur2, cfg.solarize_prob)]
@@ -374,8 +375,9 @@ class PerImageViews(torch.utils.data.Dataset):
             warnings.warn(f"skipping unreadable image {self.dataset.samples[index][0]}")
             index = (index + 1) % len(self.dataset)
             image, label = self.dataset[index]
-        torch.manual_seed(seed)
-        return [t(image) for t in self.transforms], label, index
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG; leave it as it was
+            torch.manual_seed(seed)
+            return [t(image) for t in self.transforms], label, index
 
 
 def grayscale(x):
@@ -683,7 +685,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(model, cfg):
-    """Param groups: 1-D parameters (biases, norm weights, weight-norm magnitudes) separately when excluded."""
+    """Param groups: 1-D parameters (biases, BatchNorm weights) separately when excluded; the heads' weight-norm
+    magnitudes are [C, 1], not 1-D, and stay with the rest, as under DINO's and the authors' rule (ndim == 1)."""
     decay = [p for p in model.parameters() if p.ndim > 1 or not cfg.lars_exclude_1d]
     no_decay = [p for p in model.parameters() if p.ndim <= 1 and cfg.lars_exclude_1d]
     groups = [dict(params=decay)] + ([dict(params=no_decay, weight_decay=0.0, lars=False)] if no_decay else [])
@@ -1052,8 +1055,8 @@ def train(cfg):
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_set)} training images are fewer than one global batch of {global_batch}")
-    if cfg.batch_size < max(cfg.num_classes):
-        warnings.warn(f"per-GPU batch {cfg.batch_size} < largest head C={max(cfg.num_classes)}: the uniform prior "
+    if global_batch < min(cfg.num_classes):  # over-clustering heads may exceed it: the paper's 8000 with 4096
+        warnings.warn(f"global batch {global_batch} < smallest head C={min(cfg.num_classes)}: the uniform prior "
                       f"asks every class to be used by N/C samples of a batch, which needs many samples per class")
     if isinstance(train_set, ImageArray):  # per-channel statistics of the training images
         pixels = train_set.images[:10000].float() / 255
