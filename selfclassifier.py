@@ -24,10 +24,12 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -809,12 +811,36 @@ def strip_prefixes(state_dict):
 MODEL_KEYS = ("arch", "stem", "hidden_dim", "embed_dim", "num_classes")
 
 
+class StandIn:
+    """What an object of a class that cannot be imported here unpickles to: its pickled state, inert. The authors'
+    train.py stores its nearest-neighbour queue (their utils.NNQueue) in every checkpoint, which would otherwise
+    make their checkpoints unreadable outside their source folder."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class CheckpointUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return StandIn
+
+
+checkpoint_pickle = types.SimpleNamespace(__name__="checkpoint_pickle", Unpickler=CheckpointUnpickler,
+                                          load=lambda file, **kwargs: CheckpointUnpickler(file, **kwargs).load())
+
+
 def load_checkpoint(path):
     """Load one of our checkpoints, or one of the authors' (converted), onto the CPU; UserError if neither."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=checkpoint_pickle)
     except Exception as error:  # truncated or not a torch file
         raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and any("mlp_head." in k for k in state["state_dict"]):

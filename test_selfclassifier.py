@@ -788,7 +788,20 @@ def write_authors_checkpoint(path, num_classes=(10, 20), hidden=64, dim=16, mlp_
         state[f"module.cls_{i}.weight_g"], state[f"module.cls_{i}.weight_v"] = g, v
     args = argparse.Namespace(arch="resnet18", cls_size=list(num_classes), num_cls=len(num_classes), dim=dim,
                               hidden_dim=hidden, num_hidden=2, use_bn=True, no_leaky=False)
-    torch.save(dict(epoch=800, arch="resnet18", state_dict=state, args=args), path)
+    # their train.py also pickles its queue object, an instance of their utils.NNQueue, which cannot be imported here
+    utils = type(sys)("utils")  # a module named as theirs, importable only while saving
+    utils.NNQueue = type("NNQueue", (), {"__module__": "utils"})
+    queue = utils.NNQueue()
+    queue.queue, queue.full = torch.randn(8, dim), True
+    saved, sys.modules["utils"] = sys.modules.get("utils"), utils
+    try:
+        torch.save(dict(epoch=800, arch="resnet18", state_dict=state, args=args, best_loss=1.0, nn_queue=queue,
+                        optimizer=dict(state={}, param_groups=[])), path)
+    finally:
+        if saved is None:
+            del sys.modules["utils"]
+        else:
+            sys.modules["utils"] = saved
     return backbone.eval(), mlp.eval(), heads
 
 
