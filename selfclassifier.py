@@ -144,6 +144,7 @@ class Config:
     momentum: float = option(0.9, "SGD momentum", type=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"))
     lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, BatchNorm weights; the heads' weight-norm magnitudes are [C, 1] and stay in): DINO's choice, not the authors' (they adapt every parameter; their --no-bias-wd only drops the decay)")
     # run
+    bn_group_size: int = option(0, "ranks whose batches each BatchNorm pools, in groups of consecutive ranks (0 = all ranks: the global batch; the authors' ImageNet runs: 22 of their 66 GPUs)", type=non_negative_int)
     precision: str = option("auto", "autocast dtype of the backbone; auto = bf16 on GPU, fp32 on CPU (projection, heads and loss always run in float32)", choices=("auto", "bf16", "fp16", "fp32"))
     compile: bool = option(False, "torch.compile the backbone")
     seed: int = option(0, "random seed (each rank adds its rank)", type=int)
@@ -747,21 +748,22 @@ def all_reduce_sum(x):
 
 
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch for CPU (gloo) runs, where nn.SyncBatchNorm is not available:
-    the per-channel sums are all-reduced with gradient, so forward and backward equal BatchNorm on the
-    concatenation of all ranks' batches."""
+    """BatchNorm over the batches of several ranks for CPU (gloo) runs, where nn.SyncBatchNorm is not available:
+    the per-channel sums are all-reduced with gradient over self.process_group (None: all ranks), so forward and
+    backward equal BatchNorm on the concatenation of those ranks' batches."""
 
     def _check_input_dim(self, x):
         pass
 
     def forward(self, x):
-        if not self.training or world_size() == 1:
+        group = getattr(self, "process_group", None) or dist.group.WORLD
+        if not self.training or world_size() == 1 or dist.get_world_size(group) == 1:
             return super().forward(x)
         import torch.distributed.nn.functional as dist_nn
         dims, shape = [d for d in range(x.dim()) if d != 1], [1, -1] + [1] * (x.dim() - 2)
-        count = x.numel() // x.shape[1] * world_size()
-        mean = dist_nn.all_reduce(x.sum(dims)) / count
-        var = dist_nn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count  # biased, as BatchNorm
+        count = x.numel() // x.shape[1] * dist.get_world_size(group)
+        mean = dist_nn.all_reduce(x.sum(dims), group=group) / count
+        var = dist_nn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims), group=group) / count  # biased, as BatchNorm
         with torch.no_grad():
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * count / (count - 1), self.momentum)
@@ -769,9 +771,16 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
         return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
-def sync_batchnorm(model, device):
-    """Every BatchNorm normalises over the global batch: nn.SyncBatchNorm on GPUs, CrossRankBatchNorm on the CPU."""
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def sync_batchnorm(model, device, group_size=0):
+    """Every BatchNorm normalises over the batches of group_size consecutive ranks (0: all ranks, the global batch),
+    as apex's create_syncbn_process_group, which the authors used: nn.SyncBatchNorm on GPUs, CrossRankBatchNorm on
+    the CPU. Collective: every rank calls it."""
+    group = None
+    if group_size not in (0, world_size()):
+        if world_size() % group_size:
+            raise UserError(f"--bn-group-size {group_size} does not divide the {world_size()} ranks into equal groups")
+        group, _ = dist.new_subgroups(group_size)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
     if device.type != "cuda":
         for module in model.modules():
             if isinstance(module, nn.SyncBatchNorm):
@@ -1093,7 +1102,7 @@ def train(cfg):
     # model, optimizer, queue
     model = build_model(cfg, *mean_std).to(device)
     if world_size() > 1:
-        model = sync_batchnorm(model, device)
+        model = sync_batchnorm(model, device, cfg.bn_group_size)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)

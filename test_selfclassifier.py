@@ -178,7 +178,7 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
 # =====================================================================================================
 def readme_imagenet_command():
     """The flags of the README's command for the paper's ImageNet configuration."""
-    text = (HERE / "README.md").read_text().split("torchrun --nproc_per_node=8 selfclassifier.py", 1)[1]
+    text = (HERE / "README.md").read_text().split("--rdzv-endpoint=HOST:29500 selfclassifier.py", 1)[1]
     command = text.split("\n\n", 1)[0].replace("\\\n", " ")
     return [flag for flag in command.split() if flag]
 
@@ -186,7 +186,9 @@ def readme_imagenet_command():
 def test_readme_imagenet_command_has_the_authors_view_recipe():
     """Global view 1 (the one the queue replaces) blurred with p 0.1, view 2 always blurred and solarised with
     p 0.2, local views blurred with p 0.5 (the authors' recipe; the reverse blur order was once quoted here)."""
-    specs = sc.view_specs(sc.parse_config(readme_imagenet_command()))
+    cfg = sc.parse_config(readme_imagenet_command())
+    assert (cfg.batch_size * 66, cfg.bn_group_size, cfg.precision, cfg.lr) == (4092, 22, "fp32", 3.2)  # train_800ep.sh
+    specs = sc.view_specs(cfg)
     assert [s.size for s in specs] == [224, 224] + [96] * 6
     assert [s.scale for s in specs] == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 6
     assert [s.blur_prob for s in specs] == [0.1, 1.0] + [0.5] * 6
@@ -919,6 +921,37 @@ def test_two_process_ddp_step_equals_one_process_on_the_whole_batch(tmp_path):
     # the comparison is sharp enough to catch each classic mistake
     for mutant in MUTANTS[1:]:
         assert not ddp_matches(reference, torch.load(tmp_path / f"{mutant}-world2.pt", weights_only=False)), mutant
+
+
+def batchnorm_in_groups(rank, world, init_file, out_dir):
+    """Each rank normalises its own 6 x 3 batch with sync_batchnorm at every group size; rank r saves its outputs."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x = torch.randn(6, 3, generator=torch.Generator().manual_seed(rank)) * (rank + 1) + rank
+        outputs = {size: sc.sync_batchnorm(torch.nn.BatchNorm1d(3), torch.device("cpu"), size)(x).detach()
+                   for size in (0, 1, 2)}
+        torch.save(dict(x=x, outputs=outputs), Path(out_dir) / f"bn-rank{rank}.pt")
+        try:
+            sc.sync_batchnorm(torch.nn.BatchNorm1d(3), torch.device("cpu"), 4)
+        except sc.UserError as error:
+            torch.save(str(error), Path(out_dir) / f"bn-error{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batchnorm_pools_the_batches_of_its_group_of_ranks(tmp_path):
+    """--bn-group-size: BatchNorm over the concatenated batches of the ranks of one group, as apex's groups that the
+    authors' ImageNet runs used (22 of 66 GPUs); 0 (the default) pools all ranks."""
+    torch.multiprocessing.spawn(batchnorm_in_groups, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"bn-rank{r}.pt") for r in range(2)]
+    pooled = torch.nn.BatchNorm1d(3)(torch.cat([r["x"] for r in ranks])).detach()
+    for r, saved in enumerate(ranks):
+        torch.testing.assert_close(saved["outputs"][0], pooled[6 * r:6 * (r + 1)])
+        torch.testing.assert_close(saved["outputs"][2], pooled[6 * r:6 * (r + 1)])
+        torch.testing.assert_close(saved["outputs"][1], torch.nn.BatchNorm1d(3)(saved["x"]).detach())
+        assert "does not divide the 2 ranks" in torch.load(tmp_path / f"bn-error{r}.pt")
 
 
 # =====================================================================================================
