@@ -237,7 +237,7 @@ def test_batched_crop_is_torchvisions_antialiased_resized_crop_per_image():
             assert (ours[b] - ref).abs().mean() < 0.05 / 255, (size, b)
 
 
-@pytest.mark.parametrize("height, width, scale", [(32, 32, (0.4, 1.0)), (32, 32, (0.05, 0.4)), (60, 20, (0.3, 1.0))])
+@pytest.mark.parametrize("height, width, scale", [(32, 32, (0.4, 1.0)), (60, 20, (0.3, 1.0))])
 def test_batched_crop_boxes_have_torchvisions_distribution(height, width, scale):
     """torchvision (the authors' RandomResizedCrop) draws again when a box does not fit, up to 10 times, then takes
     a central crop: at scale (0.4, 1) on a square image 22 % of draws do not fit, and clamping them instead would
