@@ -9,8 +9,8 @@ Metrics follow scikit-learn's definitions exactly (NMI and AMI with the arithmet
 the exact expected mutual information, ARI as adjusted_rand_score), with numpy and scipy only. ACC is the
 accuracy after the best one-to-one matching of clusters to classes (Hungarian algorithm); with more clusters
 than classes, acc_majority maps each cluster to its most frequent class and acc_hungarian_majority is the
-authors' variant as their code computes it (matching first, majority for the clusters left over). superclass_accuracy is the authors'
-superclass ACC (clusters matched to fine classes, scored on their superclasses).
+authors' variant as their code computes it (matching first, majority for the clusters left over).
+superclass_accuracy is the authors' superclass ACC (clusters matched to fine classes, scored on their superclasses).
 
 The functions above the command-line section import nothing from selfclassifier.py; only the command line,
 which needs the model and the data, does.
@@ -180,8 +180,9 @@ def cluster_metrics(y_true, y_pred):
     """NMI, AMI, ARI, ACC of predicted clusters against true classes. The values of scikit-learn's
     normalized_mutual_info_score, adjusted_mutual_info_score, adjusted_rand_score (arithmetic-mean normalisation),
     and exactly 1 for one partition under two namings; empty or non-integer labels are refused (ValueError), where
-    scikit-learn scores empty labelings 1 and accepts integer-valued floats. With more clusters than classes also acc_majority (every cluster -> its majority class) and
-    acc_hungarian_majority (the authors' protocol: one-to-one matching, then majority for the rest)."""
+    scikit-learn scores empty labelings 1 and accepts integer-valued floats. With more clusters than classes also
+    acc_majority (every cluster -> its majority class) and acc_hungarian_majority (the authors' protocol: one-to-one
+    matching, then majority for the rest)."""
     y_true, y_pred = check_labels(y_true, y_pred)
     cont = contingency_matrix(y_true, y_pred)
     n = len(y_true)

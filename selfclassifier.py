@@ -142,7 +142,7 @@ class Config:
     warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=non_negative_float)
     weight_decay: float = option(1e-5, "weight decay", type=non_negative_float)
     momentum: float = option(0.9, "SGD momentum", type=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"))
-    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, BatchNorm weights; the heads' weight-norm magnitudes are [C, 1] and stay in): DINO's choice, not the authors' (they adapt every parameter; their --no-bias-wd only drops the decay)")
+    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, BatchNorm weights): DINO's choice, not the authors' (they adapt every parameter; their --no-bias-wd only drops the decay)")
     # run
     bn_group_size: int = option(0, "ranks whose batches each BatchNorm pools, in groups of consecutive ranks (0 = all ranks: the global batch; the authors' ImageNet runs: 22 of their 66 GPUs)", type=non_negative_int)
     precision: str = option("auto", "autocast dtype of the backbone; auto = bf16 on GPU, fp32 on CPU (projection, heads and loss always run in float32)", choices=("auto", "bf16", "fp16", "fp32"))
