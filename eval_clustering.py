@@ -688,7 +688,7 @@ def load_model_and_config(args):
         try:
             weights = torch.load(args.weights, map_location="cpu", weights_only=True)
         except Exception as error:  # not a torch file, truncated, or pickled objects beyond tensors
-            raise sc.UserError(f"cannot read --weights {args.weights} ({type(error).__name__}: {(str(error) or '?').splitlines()[0]})") from None
+            raise sc.UserError(f"cannot read --weights {args.weights} ({sc.one_line(error)})") from None
         weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
         if not isinstance(weights, dict):
             raise sc.UserError(f"--weights {args.weights} holds a {type(weights).__name__}, not a state_dict")

@@ -53,6 +53,11 @@ class UserError(Exception):
     """A problem with the user's input or environment: printed as one line, never as a traceback."""
 
 
+def one_line(error):
+    """An exception as 'Type: first line of its message', for one-line errors about files that will not load."""
+    return f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
+
+
 def available_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -851,7 +856,7 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=checkpoint_pickle)
     except Exception as error:  # truncated or not a torch file
-        raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        raise UserError(f"cannot read checkpoint {path} ({one_line(error)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and any("mlp_head." in k for k in state["state_dict"]):
         return from_authors_checkpoint(state, path)
     if not isinstance(state, dict) or not {"model", "config"} <= set(state):

@@ -1373,6 +1373,10 @@ def test_linear_probe_deterministic_and_picks_from_grid():
     assert first["weight_decay"] == max(sorted(grid, reverse=True), key=val.get)  # best; ties -> larger
     assert val[1e-4] == val[1e-2] > val[1.0] > val[30.0] and first["weight_decay"] == 1e-2  # here a tie for best
     assert 0.4 < first["top1"] < 1.0
+    n = len(test_y)  # an exact fraction of the test set (a float32 mean gave 0.6000000238 for 6 / 10)
+    assert first["top1"] in {i / n for i in range(n + 1)}
+    constant, halves = torch.ones(50, 4), torch.arange(50) % 2  # no signal and no decay: no division by 0
+    assert ec.linear_probe(constant, halves, constant[:10], halves[:10], weight_decays=(0.0,), device="cpu")["top1"] == 0.5
 
 
 def reference_probe(train_x, train_y, test_x, test_y, weight_decay):
