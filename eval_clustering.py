@@ -4,6 +4,7 @@ scores a checkpoint.
     python eval_clustering.py --checkpoint out/ckpt.pt          # every head, k-means baselines, kNN, linear probe
     python eval_clustering.py --checkpoint out/ckpt.pt --json scores.json --grid-dir grids
     python eval_clustering.py --arch resnet50 --weights r50.pth --dataset imagefolder --data DIR   # baselines only
+    python eval_clustering.py --plot-log out/log.jsonl curves.png   # a training run's course, drawn
 
 Metrics follow scikit-learn's definitions exactly (NMI and AMI with the arithmetic-mean normaliser, AMI with
 the exact expected mutual information, ARI as adjusted_rand_score), with numpy and scipy only. ACC is the

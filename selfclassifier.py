@@ -16,6 +16,10 @@ Run (see README.md for measured numbers):
     torchrun --nproc_per_node=4 selfclassifier.py --dataset cifar10 --data ./data
     # the paper's ImageNet configuration: see README.md
 
+Measured (README.md, one H100, CIFAR-10 as JPEG files): the defaults, 28 epochs, trained in 344 s and evaluated
+in 25 s; the 10-class head scored 46.6 % ACC / 40.2 NMI on the test split, a kNN on its features 73.1 % (code of
+commit 5125c5a; with the real pipeline this code's training step runs 2.06 times as fast: 14,943 images/s).
+
 Sections: config | data | augmentation | model | loss | nearest-neighbour queue | LARS | schedule |
 distributed helpers | checkpoints | evaluation | training | main.
 """
