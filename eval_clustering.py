@@ -679,7 +679,7 @@ def plot_training_log(log_path, png_path=None, width=960, panel_height=230):
             xy = [at(x, y) for x, y in points]
             if len(xy) > 1:
                 draw.line(xy, fill=colour, width=2)
-            for x, y in xy[-1:] if len(xy) > 1 else xy:  # the last value, or a lone point, as a dot
+            for x, y in xy[-1:]:  # the last value (or a lone point) as a dot
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
     if png_path:
         image.save(png_path)
@@ -906,7 +906,8 @@ def main(argv=None):
     try:
         if args.plot_log:
             plot_training_log(*args.plot_log)
-            return print(f"wrote {args.plot_log[1]}")
+            print(f"wrote {args.plot_log[1]}")
+            return None
         return evaluate(args)
     except (sc.UserError, ValueError, OSError) as error:  # OSError: e.g. --json or --grid-dir not writable
         print(f"error: {error}", file=sys.stderr)
