@@ -6,23 +6,27 @@ every view must predict the class of the others. A uniform prior over classes (a
 paper Eq. 4-5) rules out the trivial solution, so no pseudo-labels, k-means, momentum encoder or
 stop-gradient are needed.
 
-Run (see README.md for measured numbers):
-    # CPU smoke run on an offline synthetic dataset with known labels
+Run (README.md has the measured numbers):
+    # CPU smoke run (about 30 s on 2 cores) on an offline synthetic dataset with known labels
     python selfclassifier.py --dataset synthetic --stem imagenet --epochs 4 --batch-size 128 --hidden-dim 512 \
-        --num-classes 10 20 --warmup-epochs 1 --local-crops 0 --lr 1.0 --out-dir out/synthetic
-    # CIFAR-10 on one GPU (the defaults)
-    python selfclassifier.py --dataset cifar10 --data ./data --download
+        --num-classes 10 20 --warmup-epochs 1 --local-crops 0 --lr 1.0
+    # CIFAR-10 on one GPU, trained to a wall-clock budget of 10 minutes (training and its final monitors)
+    python selfclassifier.py --dataset cifar10 --data ./data --download --minutes 10
     # several GPUs on one machine
     torchrun --nproc_per_node=4 selfclassifier.py --dataset cifar10 --data ./data
     # the paper's ImageNet configuration: see README.md
 
-Measured (README.md, one H100, CIFAR-10 as JPEG files): the defaults, 28 epochs, trained in 344 s and evaluated
-in 25 s; the 10-class head scored 46.6 % ACC / 40.2 NMI on the test split, a kNN on its features 73.1 % (code of
-commit 5125c5a; with the real pipeline this code's training step runs 2.06 times as fast: 14,943 images/s).
+Measured (README.md, one H100, CIFAR-10 as JPEG files): 28 epochs trained in 344 s and evaluated in 25 s; the
+10-class head scored 46.6 % ACC / 40.2 NMI on the test split, a kNN on its features 73.1 % (code of commit 5125c5a;
+this code's training step runs 2.06 times as fast with the real pipeline: 14,943 images/s).
 
-Sections: config | data | augmentation | model | loss | nearest-neighbour queue | LARS | schedule |
-distributed helpers | checkpoints | evaluation | training | main.
+Sections, the method first: config | model | loss | nearest-neighbour queue | LARS | schedule | one training step;
+then the machinery: augmentation | data | distributed helpers | checkpoints | monitors | training loop | main.
 """
+import time
+
+STARTED = time.time()  # the clock of --minutes starts here, before the imports (torch's take seconds)
+
 import argparse
 import dataclasses
 import itertools
@@ -33,7 +37,6 @@ import pickle
 import re
 import signal
 import sys
-import time
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -67,22 +70,6 @@ def available_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class Progress:
-    """Progress of a long step on stderr: one line every `every` seconds with done/total and a rate (rank 0 only).
-    Steps shorter than `every` print nothing."""
-
-    def __init__(self, what, total, unit, every=5.0):
-        self.what, self.total, self.unit, self.every = what, total, unit, every
-        self.start = self.last = time.time()
-
-    def __call__(self, done):
-        now = time.time()
-        if now - self.last >= self.every or (done >= self.total and now - self.start >= self.every):
-            self.last = now
-            if rank() == 0:
-                print(f"{self.what}: {done}/{self.total} {self.unit} ({done / (now - self.start):.0f}/s)", file=sys.stderr, flush=True)
-
-
 # =====================================================================================================
 # Config: every knob in one place. The command line is generated from these fields.
 # =====================================================================================================
@@ -109,6 +96,7 @@ positive_float = checked(float, lambda v: v > 0, "must be > 0")
 non_negative_float = checked(float, lambda v: v >= 0, "must be >= 0")
 positive_int = checked(int, lambda v: v >= 1, "must be >= 1")
 non_negative_int = checked(int, lambda v: v >= 0, "must be >= 0")
+cadence = checked(int, lambda v: v >= -1, "must be >= 0, or -1 for automatic")
 num_classes_type = checked(int, lambda v: v >= 2, "a head needs at least 2 classes")
 probability = checked(float, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
 scale_type = checked(float, lambda v: 0 < v <= 1, "a crop scale is a fraction of the image area in (0, 1]")
@@ -120,52 +108,60 @@ class Config:
     dataset: str = option("cifar10", "training data", choices=DATASETS)
     data: str = option("./data", "dataset root; imagefolder reads DATA/train/<class>/* and DATA/test (or val)/<class>/*")
     download: bool = option(False, "let torchvision download CIFAR / STL-10 into --data")
-    in_memory_max_size: int = option(96, "imagefolder: decode images once into memory when they are at most this many pixels a side (0 = never)", type=non_negative_int)
-    batch_aug: str = option("auto", "augment whole batches on the training device with per-sample random parameters; auto = on for in-memory datasets", choices=("auto", "on", "off"))
+    in_memory_max_size: int = option(96, "imagefolder: decode the images once into memory (uint8, one size) when they are at most this many pixels a side; costs 3 x side^2 bytes an image, e.g. 150 MB for CIFAR-10; 0 = always read from disk", type=non_negative_int)
+    batch_aug: str = option("auto", "augment whole batches on the training device (GPU or CPU), each image with its own random crop, jitter, ...: no data-loading bottleneck; auto = on for in-memory datasets, off = per image in DataLoader workers", choices=("auto", "on", "off"))
     workers: int = option(min(8, available_cpus()), "data-loading processes per GPU (decoding image folders, file-based data, --batch-aug off); default: the CPUs this process may use, at most 8", type=non_negative_int)
     # multi-crop augmentation (paper: 2 x 224 px at scale (0.4, 1), 6 x 96 px at scale (0.05, 0.4))
     global_size: int = option(32, "side of the two global crops in pixels", type=positive_int)
-    global_scale: tuple = option((0.4, 1.0), "area range of the global crops", nargs=2, type=scale_type)
-    local_crops: int = option(4, "number of local crops (0 = two views only)", type=non_negative_int)
+    global_scale: tuple = option((0.4, 1.0), "area range of the global crops (solo-learn's CIFAR recipes: 0.08 1)", nargs=2, type=scale_type)
+    local_crops: int = option(4, "number of local crops (0 = two views only); each costs about a quarter of a global view at 16 px", type=non_negative_int)
     local_size: int = option(16, "side of the local crops in pixels", type=positive_int)
     local_scale: tuple = option((0.05, 0.4), "area range of the local crops", nargs=2, type=scale_type)
-    blur_prob: tuple = option((0.0, 0.0, 0.0), "Gaussian blur probability for global crop 1 (the view the nearest-neighbour queue replaces), global crop 2, local crops (paper: 0.1 1.0 0.5)", nargs=3, type=probability)
-    solarize_prob: float = option(0.2, "solarisation probability of global crop 2 (paper: 0.2)", type=probability)
+    jitter: tuple = option((0.4, 0.4, 0.2, 0.1), "colour jitter strengths: brightness contrast saturation hue (the authors'; solo-learn's CIFAR recipes: 0.8 0.8 0.8 0.2)", nargs=4, type=non_negative_float)
+    jitter_prob: float = option(0.8, "probability of the colour jitter", type=probability)
+    gray_prob: float = option(0.2, "probability of grayscale", type=probability)
+    blur_prob: tuple = option((0.0, 0.0, 0.0), "Gaussian blur probability for the first global crop (the view the nearest-neighbour queue replaces), the second, and the local crops (paper: 0.1 1.0 0.5)", nargs=3, type=probability)
+    solarize_prob: float = option(0.2, "solarisation probability of the second global crop (paper: 0.2)", type=probability)
     # model
     arch: str = option("resnet18", "torchvision backbone", choices=("resnet18", "resnet34", "resnet50"))
-    stem: str = option("auto", "cifar = 3x3 stride-1 conv, no max-pool; imagenet = 7x7 stride-2 conv + max-pool; auto = cifar when --global-size <= 64", choices=("auto", "cifar", "imagenet"))
+    stem: str = option("auto", "cifar = 3x3 stride-1 conv, no max-pool; imagenet = 7x7 stride-2 conv + max-pool (16 times fewer pixels after the stem: much faster, worse on 32 px images); auto = cifar when --global-size <= 64", choices=("auto", "cifar", "imagenet"))
     hidden_dim: int = option(4096, "hidden width of the projection MLP", type=positive_int)
     embed_dim: int = option(128, "output width of the projection MLP (the l2-normalised embedding)", type=positive_int)
-    num_classes: list = option((10, 20, 40, 80), "one classification head per value: its number of classes C", nargs="+", type=num_classes_type)
+    num_classes: list = option((10, 20, 40, 80), "one classification head per value: its number of classes C; evaluation scores the head whose C is the number of true classes, so include it", nargs="+", type=num_classes_type)
     # loss (paper: tau_row 0.1, tau_col 0.05)
     row_tau: float = option(0.1, "temperature of the softmax over classes (prediction)", type=positive_float)
     col_tau: float = option(0.05, "temperature of the softmax over the batch (target)", type=positive_float)
-    eps: float = option(1e-12, "eps of the loss's L1 normalisations and log (the authors' default)", type=positive_float)
-    queue_len: int = option(0, "nearest-neighbour queue length (0 = off; paper: 262144 on ImageNet)", type=non_negative_int)
-    # optimisation (paper, ImageNet: LARS, lr 4.8 at batch 4096, warmup 10 epochs from 0.3, cosine to 0.0048)
-    epochs: int = option(28, "training epochs (28: the README's CIFAR-10 run on one H100)", type=positive_int)
-    batch_size: int = option(512, "images per GPU per step", type=positive_int)
-    optimizer: str = option("lars", "lars = SGD + layer-wise trust ratio (apex LARC, clip=False); sgd = plain SGD", choices=("lars", "sgd"))
-    lr: float = option(2.0, "peak learning rate (after warmup)", type=positive_float)
+    eps: float = option(1e-12, "eps of the loss's L1 normalisations and log: the authors' 1e-12; a larger one (1e-8) changes the loss by ~25 %% once logits reach ~3, so leave it", type=positive_float)
+    queue_len: int = option(0, "nearest-neighbour queue length (0 = off; paper: 262144 on ImageNet, a fifth of the training set); costs a [batch, queue] matmul a step", type=non_negative_int)
+    queue_start: float = option(0.0, "fraction of the schedule after which the queue's neighbours replace the first global view (0 = as soon as it is full); in a young representation neighbours are often of another class", type=probability)
+    # optimisation (the authors' ImageNet script: LARS, lr 3.2 at batch 4096, warmup 10 epochs from 0.2, cosine to 0.0032;
+    # the paper's text says 4.8 / 0.3 / 0.0048: the README's ImageNet command follows the script they ran)
+    epochs: int = option(28, "training epochs: the length of the schedule (with --minutes: only until the budget is planned)", type=positive_int)
+    minutes: float = option(0.0, "train to a wall-clock budget instead of --epochs: the run measures its pace after a few steps, then fixes the schedule's length so that training and its final monitors end inside this many minutes (0 = off)", type=non_negative_float)
+    batch_size: int = option(512, "images per GPU per step; the loss's batch softmax needs many images per class (at least the smallest head's C); memory grows linearly", type=positive_int)
+    optimizer: str = option("lars", "lars = SGD + layer-wise trust ratio (apex LARC as the authors); sgd = plain SGD", choices=("lars", "sgd"))
+    lr: float = option(2.0, "peak learning rate (after warmup); the authors' rule for ImageNet: 0.3 x global batch / 256", type=positive_float)
     warmup_lr: float = option(0.2, "learning rate at step 0 (the warmup ends on --lr)", type=non_negative_float)
-    final_lr: float = option(0.002, "end of the cosine (the authors' schedule stops one step short of it)", type=non_negative_float)
+    final_lr: float = option(0.002, "end of the cosine (the authors: --lr / 1000; their schedule stops one step short of it)", type=non_negative_float)
     warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=non_negative_float)
-    weight_decay: float = option(1e-5, "weight decay", type=non_negative_float)
+    weight_decay: float = option(1e-5, "weight decay (the authors: 1e-6)", type=non_negative_float)
     momentum: float = option(0.9, "SGD momentum", type=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"))
-    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, BatchNorm weights): DINO's choice, not the authors' (they adapt every parameter; their --no-bias-wd only drops the decay)")
+    lars_trust: float = option(0.001, "LARS trust coefficient: each parameter's step is about lr x this x its norm (apex's 0.001, the authors'; solo-learn: 0.02 with --lars-clip)", type=positive_float)
+    lars_clip: bool = option(False, "LARS: cap the trust ratio at lr (apex LARC clip=True, solo-learn's LARS): a parameter's relative step is then at most --lars-trust whatever the lr")
+    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, BatchNorm weights): DINO's and solo-learn's choice, not the authors' (they adapt every parameter)")
     # run
     bn_group_size: int = option(0, "ranks whose batches each BatchNorm pools, in groups of consecutive ranks (0 = all ranks: the global batch; the authors' ImageNet runs: 22 of their 66 GPUs)", type=non_negative_int)
-    precision: str = option("auto", "autocast dtype of the backbone; auto = bf16 on GPU, fp32 on CPU (projection, heads and loss always run in float32)", choices=("auto", "bf16", "fp16", "fp32"))
-    compile: bool = option(False, "torch.compile the backbone")
+    precision: str = option("auto", "autocast dtype of the backbone: bf16 is about twice as fast as fp32 on recent GPUs; auto = bf16 on GPUs that compute it natively (Ampere and later), fp16 with a gradient scaler on older ones (T4, V100), fp32 on the CPU; the projection, heads and loss always run in float32", choices=("auto", "bf16", "fp16", "fp32"))
+    compile: bool = option(False, "torch.compile the backbone: 30 s or more of warm-up; on one H100 it did not speed up the CIFAR step (README)")
     seed: int = option(0, "random seed (each rank adds its rank)", type=int)
     device: str = option("auto", "auto = cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
-    out_dir: str = option("out", "checkpoint ckpt.pt and log.jsonl go here; an existing ckpt.pt is resumed")
+    out_dir: str = option("", "checkpoint ckpt.pt and log.jsonl go here; an existing ckpt.pt of the same run is resumed; default: out/<dataset> (out/<folder name> for imagefolder)")
     resume: str = option("", "checkpoint to start from when OUT_DIR/ckpt.pt does not exist yet: one of ours, or one of the authors' released ones (model only, fresh optimizer)")
-    max_steps: int = option(0, "stop after this many steps in total (0 = run all epochs; the schedule still spans --epochs)", type=non_negative_int)
+    max_steps: int = option(0, "stop after this many steps in total (0 = run the whole schedule; the schedule still spans --epochs)", type=non_negative_int)
     log_every: int = option(50, "steps between log lines (and one after 1, 2, 4, ... steps: early feedback when steps are slow)", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints (one is always written at each epoch end)", type=positive_float)
-    eval_every: int = option(1, "epochs between NMI/ACC evaluations on the test split (0 = never)", type=non_negative_int)
-    knn_every: int = option(-1, "epochs between kNN monitors (top-1 of a k=20 weighted kNN on backbone features, the test split against the training split), and after the last epoch; -1 = every 10 epochs when the training split has at most 100,000 labelled images, 0 = never", type=int)
+    eval_every: int = option(-1, "epochs between NMI/ACC monitors of the head whose C is the number of classes, on the test split (one pass over it), and after the last step; -1 = every epoch, or with --minutes as often as fits in 4 %% of the budget; 0 = never", type=cadence)
+    knn_every: int = option(-1, "epochs between kNN monitors (top-1 of a k=20 weighted kNN on backbone features, the test split against the training split: a pass over both), and after the last step; -1 = every 10 epochs when the training split has at most 100,000 labelled images (with --minutes: as often as fits in 4 %% of the budget), 0 = never", type=cadence)
 
 
 def config_parser():
@@ -191,12 +187,497 @@ def parse_config(argv=None):
     if cfg.warmup_epochs > cfg.epochs:
         parser.error(f"--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}")
     cfg.stem = resolve_stem(cfg.stem, cfg.global_size)  # stored resolved: a checkpoint says which stem it has
+    cfg.data = str(Path(cfg.data).expanduser().resolve())  # a checkpoint names the data it was trained on
+    cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
     return cfg
 
 
 def resolve_stem(stem, global_size):
     """--stem auto: the 3x3 CIFAR stem for crops of at most 64 px, ImageNet's 7x7 stem + max-pool above."""
     return stem if stem != "auto" else "cifar" if global_size <= 64 else "imagenet"
+
+
+def default_out_dir(cfg):
+    """out/<dataset>, or out/<folder name> for an image folder: runs on different data never share a checkpoint."""
+    return str(Path("out") / (Path(cfg.data).name if cfg.dataset == "imagefolder" else cfg.dataset))
+
+
+# =====================================================================================================
+# Model: ResNet backbone -> projection MLP (l2-normalised) -> weight-normalised linear heads, one per C.
+# =====================================================================================================
+class SelfClassifier(nn.Module):
+    def __init__(self, arch="resnet18", small_stem=True, hidden_dim=4096, embed_dim=128, num_classes=(10,),
+                 pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
+        super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1))  # saved with the weights
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
+        self.backbone = getattr(torchvision.models, arch)(weights=None)
+        if small_stem:  # 32 px images: keep the resolution in the stem (initialised as torchvision's convs)
+            self.backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.backbone.maxpool = nn.Identity()
+        self.feature_dim = self.backbone.fc.in_features
+        self.backbone.fc = nn.Identity()
+        self.projector = nn.Sequential(
+            nn.Linear(self.feature_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.LeakyReLU(inplace=True),
+            nn.Linear(hidden_dim, embed_dim))
+        for layer in self.projector:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.heads = nn.ModuleList()
+        for c in num_classes:
+            head = nn.utils.parametrizations.weight_norm(nn.Linear(embed_dim, c, bias=False))
+            head.parametrizations.weight.original0.data.fill_(1.0)  # weight-norm magnitude g starts at 1
+            self.heads.append(head)
+
+    def features(self, images):
+        """Backbone features [B, feature_dim] of float images in [0, 1] (the only part autocast may lower)."""
+        return self.backbone((images - self.pixel_mean) / self.pixel_std)
+
+    def embed(self, features):
+        """Projection MLP, l2-normalised, in the parameters' float32 even under autocast: [B, feature_dim] ->
+        [B, embed_dim]."""
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.to(self.projector[0].weight.dtype)
+            return F.normalize(self.projector(features), dim=1, eps=1e-7)  # the authors' eps
+
+    def classify(self, z):
+        """Logits of every head in the parameters' float32 even under autocast (the column softmax divides them by
+        col_tau, which would multiply bf16 rounding errors by 20): [B, embed_dim] -> list over heads of [B, C]."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.to(self.projector[0].weight.dtype)
+            return [head(z) for head in self.heads]
+
+    def forward(self, views):
+        """views: list of [B, 3, h, w] -> (embeddings: list over views of [B, D],
+        head_logits: list over heads of (list over views of [B, C])).
+
+        As the authors: the backbone runs once per crop resolution, then the projection runs once on the
+        features of all views together, so its BatchNorm normalises over global and local views at once."""
+        features = [self.features(torch.cat(same_size)) for same_size in runs_of(views, key=lambda v: v.shape[-1])]
+        z = self.embed(torch.cat(features))                                   # [V*B, D]
+        return list(z.chunk(len(views))), [list(s.chunk(len(views))) for s in self.classify(z)]
+
+
+def runs_of(items, key):
+    """Consecutive items with equal key, as lists: the views (or view specs) of one crop size."""
+    return [list(run) for _, run in itertools.groupby(items, key=key)]
+
+
+def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
+    small_stem = resolve_stem(cfg.stem, cfg.global_size) == "cifar"
+    return SelfClassifier(cfg.arch, small_stem, cfg.hidden_dim, cfg.embed_dim, cfg.num_classes, pixel_mean, pixel_std)
+
+
+# =====================================================================================================
+# Loss (paper Eq. 4-5, Algorithm 1)
+# =====================================================================================================
+def no_gather(x):
+    """The loss's gather on one process: the batch is the global batch, and all its rows are this process's."""
+    return x, slice(None)
+
+
+def self_classifier_loss(view_logits, row_tau=0.1, col_tau=0.05, num_global=2, eps=1e-12, gather=no_gather):
+    """Self-Classifier cross-entropy of one classification head over all views.
+
+    view_logits: list over views (global views first) of [B, C] logits s = head(z) of this process's B images.
+    gather(x) -> (x of the global batch, the slice of this process's rows in it): no_gather on one process; in
+    data-parallel training gather_with_grad, which all-gathers *with gradient* into [N, C], N = B x world size, so
+    that both normalisations below run over the global batch, while each process keeps its own B rows and the mean
+    over processes is the global mean. (A caller that already holds the global batch keeps no_gather.)
+
+        p(y|x)  = softmax_y(s / row_tau)                       "row softmax", over classes
+        p(x|y)  = softmax_x(s / col_tau)                       "column softmax", over the batch
+        target(x_i)[n, y]  = p(x_n|y) / sum_y' p(x_n|y')                 (Eq. 5, via Bayes: uniform p(y))
+        logpred(x_j)[n, y] = log( N/C * p(y|x_n) / sum_n' p(y|x_n') )   (Eq. 4: uniform prior on classes)
+        l(i, j) = -1/N sum_n sum_y target(x_i)[n, y] * logpred(x_j)[n, y]
+
+    Returns the mean of l(i, j) over ordered pairs (target view i, predicted view j), i != j, skipping pairs
+    where both views are local (index >= num_global); for two views this is (l(0,1) + l(1,0)) / 2. Written plainly:
+
+        pairs = [(i, j) for i in range(V) for j in range(V) if i != j and (i < num_global or j < num_global)]
+        loss = sum(l(i, j) for i, j in pairs) / len(pairs)
+
+    computed here for all pairs at once as one [V, V] matrix of l(i, j) (one einsum instead of V^2 small ones).
+    No stop-gradient: the target is differentiated too. Computed in float32 even under autocast. eps = 1e-12 is
+    the authors' default: once logits reach about 3, eps = 1e-8 changes the loss by ~25 % and the gradient by
+    more than 100 % (column-softmax masses of a sample fall below 1e-8).
+    """
+    logits = torch.stack(view_logits, 1)                                        # [B, V, C]: all views at once
+    logits, rows = gather(logits.to(torch.promote_types(logits.dtype, torch.float32)))  # [N, V, C], >= float32
+    N, V, C = logits.shape
+    targets = F.normalize(F.softmax(logits / col_tau, dim=0), p=1, dim=2, eps=eps)[rows]                      # Eq. 5
+    log_preds = torch.log(N / C * F.normalize(F.softmax(logits / row_tau, dim=2), p=1, dim=0, eps=eps) + eps)[rows]  # Eq. 4
+    with torch.autocast(logits.device.type, enabled=False):  # a matmul: autocast would lower it
+        cross = -torch.einsum("bic,bjc->ij", targets, log_preds) / len(targets)        # [V, V]: l(i, j)
+    view = torch.arange(V, device=logits.device)
+    pairs = (view[:, None] != view) & ((view[:, None] < num_global) | (view < num_global))
+    return (cross * pairs).sum() / pairs.sum()
+
+
+# =====================================================================================================
+# Nearest-neighbour augmentation: the first global view's embedding is replaced by its nearest past neighbour.
+# =====================================================================================================
+class NeighbourQueue(nn.Module):
+    """FIFO queue of detached embeddings of the first global view of past batches (all ranks), with their dataset
+    indices (to never return a sample as its own neighbour) and labels (only to monitor neighbour label agreement)."""
+
+    def __init__(self, length, dim):
+        super().__init__()
+        self.register_buffer("embeddings", torch.zeros(length, dim))
+        self.register_buffer("indices", torch.full((length,), -1, dtype=torch.long))
+        self.register_buffer("labels", torch.full((length,), -1, dtype=torch.long))
+        self.register_buffer("pushed", torch.zeros((), dtype=torch.long))
+
+    def is_full(self):
+        """Reads the counter from the device only until the queue has filled once (it stays full)."""
+        self.known_full = getattr(self, "known_full", False) or int(self.pushed) >= len(self.embeddings)
+        return self.known_full
+
+    @torch.no_grad()
+    def neighbours(self, z, index):
+        """Nearest queued embedding by dot product, excluding the sample itself: [B, D] -> ([B, D], labels [B])."""
+        top2 = (z.float() @ self.embeddings.T).topk(2, dim=1).indices
+        pick = torch.where(self.indices[top2[:, 0]] == index, top2[:, 1], top2[:, 0])
+        return self.embeddings[pick], self.labels[pick]
+
+    @torch.no_grad()
+    def push(self, z, index, labels, gather=lambda x: x):
+        """Queue this batch; gather (data-parallel training: the all-gather of every rank's batch) queues all ranks'."""
+        z, index, labels = gather(z.float()), gather(index), gather(labels)
+        slots = (self.pushed + torch.arange(len(z), device=z.device)) % len(self.embeddings)
+        self.embeddings[slots], self.indices[slots], self.labels[slots] = z, index, labels
+        self.pushed += len(z)
+
+
+# =====================================================================================================
+# LARS
+# =====================================================================================================
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio; reproduces apex LARC(SGD, trust_coefficient=0.001,
+    clip=False) as the authors ran it. For each parameter w with gradient g and non-zero norms:
+
+        local_lr = trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + eps)
+        (clip=True: local_lr = min(local_lr / lr, 1), apex's clip and solo-learn's LARS)
+        d = (g + weight_decay * w) * local_lr;   buf = momentum * buf + d;   w -= lr * buf
+
+    A parameter or gradient of norm zero gets d = g (apex then applies no weight decay either). Groups with
+    lars=False (e.g. biases and norm parameters, DINO's choice) get plain SGD with momentum instead.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False, eps=1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, clip=clip, eps=eps, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter at once (torch._foreach_* kernels over the parameter list): the same
+        arithmetic as the per-parameter formula above, in about 20 launches instead of 15 per parameter. Returns
+        closure()'s loss when a closure is given (torch.optim.Optimizer's contract)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            d = grads
+            if group["lars"]:
+                wd = group["weight_decay"]
+                w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
+                local_lr = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                if group["clip"]:
+                    local_lr = (local_lr / group["lr"]).clamp(max=1)
+                # d = (g + wd * w) * local_lr; a zero norm gives d = g: factor 1 when ||w|| = 0 (then wd * w = 0),
+                # factor 0 when ||g|| = 0 (then g = 0)
+                factor = torch.where((w_norm > 0) & (g_norm > 0), local_lr, (g_norm > 0).to(local_lr.dtype))
+                d = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_mul_(d, list(factor.to(d[0].dtype).unbind()))
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, group["momentum"])  # a new buffer: 0 * momentum + d = d
+            torch._foreach_add_(bufs, d)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model, cfg):
+    """Param groups: 1-D parameters (biases, BatchNorm weights) separately when excluded; the heads' weight-norm
+    magnitudes are [C, 1], not 1-D, and stay with the rest, as under DINO's and the authors' rule (ndim == 1)."""
+    decay = [p for p in model.parameters() if p.ndim > 1 or not cfg.lars_exclude_1d]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and cfg.lars_exclude_1d]
+    groups = [dict(params=decay)] + ([dict(params=no_decay, weight_decay=0.0, lars=False)] if no_decay else [])
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    trust_coefficient=cfg.lars_trust, clip=cfg.lars_clip)
+    for g in groups:
+        g.pop("lars", None)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+# =====================================================================================================
+# Schedule: linear warmup, then cosine decay, per iteration
+# =====================================================================================================
+def lr_at(step, total_steps, warmup_steps, peak_lr, warmup_lr, final_lr):
+    """Learning rate at optimizer step `step` (0-based) of `total_steps`, step for step the authors' schedule (DINO's
+    cosine_scheduler): warmup_lr to peak_lr over the warmup steps, both ends included, then a cosine from peak_lr
+    at the first step after warmup towards final_lr, which it would reach one step after the last."""
+    if step < warmup_steps:
+        return warmup_lr + (peak_lr - warmup_lr) * step / max(1, warmup_steps - 1)
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * progress))
+
+
+# =====================================================================================================
+# One training step
+# =====================================================================================================
+def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue, cfg, dtype, neighbour_swap=True):
+    """One optimisation step on this rank's batch; returns (loss, head_logits: list over heads of list over views of
+    [B, C], [images whose nearest neighbour has their label, labelled images] or None). `model` may be DDP-wrapped;
+    `raw_model` is the unwrapped SelfClassifier. With a full queue and neighbour_swap, the first global view's
+    logits are those of its nearest neighbour in the queue. Nothing is read back to the host (but the queue's fill
+    count, until it has filled once), so on a GPU the host can queue the next step while this one runs."""
+    if views[0].is_cuda:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    with torch.autocast(views[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        embeddings, head_logits = model(views)
+    agree = None
+    if queue is not None:  # nearest-neighbour augmentation of views[0] (no gradient to the backbone through it)
+        if neighbour_swap and queue.is_full():
+            neighbour, neighbour_label = queue.neighbours(embeddings[0], index)
+            labelled = labels >= 0  # counts, not a masked mean: a boolean mask would read the mask back to the host
+            agree = torch.stack([((neighbour_label == labels) & labelled).sum(), labelled.sum()])
+            for view_logits, s in zip(head_logits, raw_model.classify(neighbour)):
+                view_logits[0] = s
+        queue.push(embeddings[0].detach(), index, labels, gather=gather)
+    loss = sum(self_classifier_loss(view_logits, cfg.row_tau, cfg.col_tau, eps=cfg.eps, gather=gather_with_grad)
+               for view_logits in head_logits) / len(head_logits)  # mean over heads
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), head_logits, agree
+
+
+# =====================================================================================================
+# Multi-crop augmentation (BYOL/DINO recipe): 2 global crops, then cfg.local_crops local crops.
+# Two implementations of the same recipe: per image with torchvision (DataLoader workers) and per batch on
+# the training device with per-sample random parameters (no CPU bottleneck for in-memory datasets).
+# =====================================================================================================
+RATIO = (3 / 4, 4 / 3)  # aspect ratios of RandomResizedCrop
+BLUR_SIGMA = (0.1, 2.0)  # in pixels of the crop, whatever its size: the radius of the authors' PIL GaussianBlur
+
+
+@dataclass
+class ViewSpec:
+    """How one view is drawn. The defaults after the first four are the authors' (BYOL's) colour recipe."""
+    size: int
+    scale: tuple
+    blur_prob: float
+    solarize_prob: float
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_prob: float = 0.8
+    gray_prob: float = 0.2
+    flip_prob: float = 0.5
+
+
+def view_specs(cfg):
+    """The crops of one image in order: the first global crop (the paper blurs it with p 0.1; the queue replaces
+    it), the second (blur p 1.0 and solarisation), the local crops."""
+    blur0, blur1, blur_local = cfg.blur_prob
+    colour = dict(jitter=tuple(cfg.jitter), jitter_prob=cfg.jitter_prob, gray_prob=cfg.gray_prob)
+    return ([ViewSpec(cfg.global_size, tuple(cfg.global_scale), blur0, 0.0, **colour),
+             ViewSpec(cfg.global_size, tuple(cfg.global_scale), blur1, cfg.solarize_prob, **colour)]
+            + [ViewSpec(cfg.local_size, tuple(cfg.local_scale), blur_local, 0.0, **colour)] * cfg.local_crops)
+
+
+def blur_kernel_size(size):
+    """Odd Gaussian kernel spanning 4 of the largest sigma each side (17 px), cut to fit the crop: the blur then has
+    the std of PIL's GaussianBlur(radius=sigma) that the authors use, at every crop size. (The SimCLR habit of a
+    kernel of 10 % of the side cuts sigma = 2 short on small crops: 9 px at 96 px blurs with a std of 1.85.)"""
+    return 2 * min(math.ceil(4 * BLUR_SIGMA[1]), size - 1) + 1  # reflect padding needs radius < side
+
+
+def per_image_transform(spec):
+    """One view, one image at a time: PIL or uint8 tensor in, float [3, size, size] in [0, 1] out."""
+    brightness, contrast, saturation, hue = spec.jitter
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=RATIO, interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(spec.flip_prob),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=spec.jitter_prob),
+        v2.RandomGrayscale(spec.gray_prob),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(spec.size), sigma=BLUR_SIGMA)], p=spec.blur_prob),
+        v2.RandomSolarize(threshold=0.5, p=spec.solarize_prob),
+        v2.Lambda(lambda x: x.clamp(0, 1).as_subclass(torch.Tensor)),
+    ])
+
+
+class PerImageViews(torch.utils.data.Dataset):
+    """dataset[(index, epoch_seed)] -> (list of views, label, index). Each sample's augmentation is seeded from
+    (epoch seed, index) in the worker, a pure function of (run seed, epoch, index): any number of workers and a
+    mid-epoch resume give the same views."""
+
+    def __init__(self, dataset, specs):
+        self.dataset, self.transforms = dataset, [per_image_transform(s) for s in specs]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch_seed = key
+        seed = derive_seed(epoch_seed, index)
+        image, label = self.dataset[index]
+        while image is None:  # unreadable file: warn and use the next image instead of crashing mid-epoch
+            warnings.warn(f"skipping unreadable image {self.dataset.samples[index][0]}")
+            index = (index + 1) % len(self.dataset)
+            image, label = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG; leave it as it was
+            torch.manual_seed(seed)
+            return [t(image) for t in self.transforms], label, index
+
+
+def grayscale(x):
+    """ITU-R 601 luma, as torchvision: [B, 3, H, W] -> [B, 1, H, W]."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x, shift):
+    """Rotate the HSV hue of each image by shift[b] turns (torchvision's adjust_hue, batched)."""
+    value, _ = x.max(1, keepdim=True)
+    chroma = value - x.min(1, keepdim=True)[0]
+    r, g, b = x.unbind(1)
+    safe = chroma.squeeze(1).clamp_min(1e-12)
+    hue = torch.where(value.squeeze(1) == r, ((g - b) / safe) % 6,                 # hue in sextants [0, 6)
+                      torch.where(value.squeeze(1) == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = (hue + 6 * shift.view(-1, 1, 1)) % 6
+    k = torch.stack([(hue + n) % 6 for n in (5.0, 3.0, 1.0)], 1)  # per output channel R, G, B (no host tensor)
+    return value - chroma * torch.clamp(torch.minimum(k, 4 - k), 0, 1)     # HSV -> RGB, channel by channel
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Blur each image b with its own sigma[b] (separable kernel, reflect padding)."""
+    B, C, H, W = x.shape
+    offsets = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - kernel_size // 2
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma.view(-1, 1) ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, k]
+    x = F.pad(x.reshape(1, B * C, H, W), [kernel_size // 2] * 4, mode="reflect")
+    x = F.conv2d(x, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
+    x = F.conv2d(x, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
+    return x.view(B, C, H, W)
+
+
+def random_crop_boxes(n, height, width, scale, gen, device):
+    """torchvision's RandomResizedCrop.get_params (the authors' crop), for n images at once: up to 10 draws of an
+    area fraction in `scale` and a log-uniform aspect ratio in RATIO, the first whose rounded box fits; if none
+    does, the central crop of the nearest allowed ratio; then a uniform integer position. -> (top, left, h, w) [n]."""
+    tries = 10
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, device=device, generator=gen))
+    log_ratio = math.log(RATIO[0]) + math.log(RATIO[1] / RATIO[0]) * torch.rand(n, tries, device=device, generator=gen)
+    w = (area * log_ratio.exp()).sqrt().round()
+    h = (area / log_ratio.exp()).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # index of the first draw that fits
+    if width / height < RATIO[0]:  # the fallback box, as torchvision's
+        fallback = width, round(width / RATIO[0])
+    elif width / height > RATIO[1]:
+        fallback = round(height * RATIO[1]), height
+    else:
+        fallback = width, height
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fallback[0])
+    h = torch.where(found, h.gather(1, first).squeeze(1), fallback[1])
+    top = torch.where(found, (torch.rand(n, device=device, generator=gen) * (height - h + 1)).floor(), (height - h) // 2)
+    left = torch.where(found, (torch.rand(n, device=device, generator=gen) * (width - w + 1)).floor(), (width - w) // 2)
+    return top, left, h, w
+
+
+def resize_weights(start, length, size, in_size):
+    """[n, size, in_size]: row o of image b holds the weights with which output pixel o reads input pixels
+    start[b] ... start[b] + length[b] - 1: the antialiased bicubic filter of PIL (which the authors resize with) and
+    of torch's antialias=True (a = -0.5), widened by the shrink factor when the crop is shrunk, cut to the crop."""
+    scale = (length / size).view(-1, 1, 1)  # input pixels per output pixel
+    centre = (torch.arange(size, device=start.device) + 0.5).view(1, -1, 1) * scale
+    x = torch.arange(in_size, device=start.device).view(1, 1, -1) - start.view(-1, 1, 1)  # in crop coordinates
+    t = (x + 0.5 - centre).abs() / scale.clamp(min=1)
+    a = -0.5
+    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1, torch.where(t < 2, a * (((t - 5) * t + 8) * t - 4), 0.0))
+    weights = cubic * ((x >= 0) & (x < length.view(-1, 1, 1)))
+    return weights / weights.sum(2, keepdim=True)
+
+
+def resized_crops(images, top, left, h, w, size, flip):
+    """Crop image b to rows top[b] ... + h[b], columns left[b] ... + w[b], resize to size x size and mirror where
+    flip[b]: uint8 [B, 3, H, W] -> float [B, 3, size, size] in [0, 1]. As PIL (the authors') and torchvision's uint8
+    resize: antialiased bicubic, horizontal pass first, each pass rounded and clipped to uint8 levels."""
+    rows = resize_weights(top, h, size, images.shape[2])  # [B, size, H]
+    cols = resize_weights(left, w, size, images.shape[3])  # [B, size, W]
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
+    x = torch.einsum("bchw,btw->bcht", images.float(), cols).round().clamp(0, 255)
+    x = torch.einsum("bsh,bcht->bcst", rows, x).round().clamp(0, 255)
+    return x / 255
+
+
+def crops_of_one_size(images, specs, gen, jitter_order=(0, 1, 2, 3)):
+    """Views `specs` (all of one size and crop scale, e.g. the local crops) of a whole batch in one pass: uint8
+    [B, 3, H, W] -> float [len(specs) * B, 3, size, size] in [0, 1], view after view, every sample with its own
+    random crop, flip, jitter factors, grayscale, blur and solarisation, each with its view's probability. One
+    difference from torchvision's per-image transforms: the order of the four colour jitters is drawn once per
+    call, not per image."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"crops_of_one_size takes uint8 images with levels 0-255, got {images.dtype} "
+                        f"(a float batch in [0, 1] would come out nearly black): pass (x * 255).round().to(torch.uint8)")
+    spec, k = specs[0], len(specs)  # size, scale and colour recipe are shared; blur and solarisation per view
+    images = images.repeat(k, 1, 1, 1)
+    B, _, H, W = images.shape  # samples of all k views
+    dev = images.device
+
+    def uniform(low, high, n=B):
+        return low + (high - low) * torch.rand(n, device=dev, generator=gen)
+
+    def chance(probs):  # one probability per view -> one boolean per sample
+        u = torch.rand(len(probs), B // len(probs), device=dev, generator=gen)
+        return torch.cat([u[j] < p for j, p in enumerate(probs)]) if len(set(probs)) > 1 else (u < probs[0]).flatten()
+
+    # RandomResizedCrop + horizontal flip, as torchvision's (and the authors' PIL) per image.
+    top, left, h, w = random_crop_boxes(B, H, W, spec.scale, gen, dev)
+    x = resized_crops(images, top, left, h, w, spec.size, chance([spec.flip_prob]))
+
+    # Colour jitter with probability jitter_prob (factor 1 / shift 0 means "not applied"), in jitter_order.
+    jitter = chance([spec.jitter_prob])
+    brightness, contrast, saturation = [torch.where(jitter, uniform(1 - s, 1 + s), 1.0).view(B, 1, 1, 1)
+                                        for s in spec.jitter[:3]]
+    hue = torch.where(jitter, uniform(-spec.jitter[3], spec.jitter[3]), 0.0)
+    for op in jitter_order:
+        if op == 0:
+            x = (x * brightness).clamp(0, 1)
+        elif op == 1:
+            x = (contrast * x + (1 - contrast) * grayscale(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+        elif op == 2:
+            x = (saturation * x + (1 - saturation) * grayscale(x)).clamp(0, 1)
+        else:
+            x = adjust_hue(x, hue)
+    x = torch.where(chance([spec.gray_prob]).view(B, 1, 1, 1), grayscale(x).expand_as(x), x)
+    if any(s.blur_prob > 0 for s in specs):  # sigma ~ U(0.1, 2) where blurred; a tiny sigma is an exact identity kernel
+        sigma = torch.where(chance([s.blur_prob for s in specs]), uniform(*BLUR_SIGMA), 1e-3)
+        x = gaussian_blur(x, sigma, blur_kernel_size(spec.size))
+    if any(s.solarize_prob > 0 for s in specs):
+        x = torch.where(chance([s.solarize_prob for s in specs]).view(B, 1, 1, 1) & (x >= 0.5), 1 - x, x)
+    return x.clamp(0, 1)  # the blur's rounding can step 1e-7 outside [0, 1]
+
+
+def multi_crop(images, specs, seed):
+    """All views of a uint8 batch [B, 3, H, W], a list as `specs`; the views of one size and scale (the two global
+    crops, the local crops) come from one crops_of_one_size call: a few large kernels instead of many small ones."""
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    order_gen = torch.Generator().manual_seed(seed)  # jitter order drawn on the host: no device sync
+    views = []
+    for same_size in runs_of(specs, key=lambda spec: (spec.size, spec.scale)):
+        views += crops_of_one_size(images, same_size, gen, torch.randperm(4, generator=order_gen).tolist()).chunk(len(same_size))
+    return views
 
 
 # =====================================================================================================
@@ -320,426 +801,20 @@ def load_split(cfg, train):
     return ImageArray(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes)
 
 
-# =====================================================================================================
-# Multi-crop augmentation (BYOL/DINO recipe): 2 global crops, then cfg.local_crops local crops.
-# Two implementations of the same recipe: per image with torchvision (DataLoader workers) and per batch on
-# the training device with per-sample random parameters (no CPU bottleneck for in-memory datasets).
-# =====================================================================================================
-JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-JITTER_PROB, GRAY_PROB, FLIP_PROB, RATIO = 0.8, 0.2, 0.5, (3 / 4, 4 / 3)
-BLUR_SIGMA = (0.1, 2.0)  # in pixels of the crop, whatever its size: the radius of the authors' PIL GaussianBlur
+class Progress:
+    """Progress of a long step on stderr: one line every `every` seconds with done/total and a rate (rank 0 only).
+    Steps shorter than `every` print nothing."""
 
+    def __init__(self, what, total, unit, every=5.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.start = self.last = time.time()
 
-@dataclass
-class ViewSpec:
-    size: int
-    scale: tuple
-    blur_prob: float
-    solarize_prob: float
-
-
-def view_specs(cfg):
-    """The crops of one image in order: global 1 (the paper blurs it with p 0.1), global 2 (blur p 1.0 and
-    solarisation), local crops."""
-    blur1, blur2, blur_local = cfg.blur_prob
-    return ([ViewSpec(cfg.global_size, tuple(cfg.global_scale), blur1, 0.0),
-             ViewSpec(cfg.global_size, tuple(cfg.global_scale), blur2, cfg.solarize_prob)]
-            + [ViewSpec(cfg.local_size, tuple(cfg.local_scale), blur_local, 0.0)] * cfg.local_crops)
-
-
-def blur_kernel_size(size):
-    """Odd Gaussian kernel spanning 4 of the largest sigma each side (17 px), cut to fit the crop: the blur then has
-    the std of PIL's GaussianBlur(radius=sigma) that the authors use, at every crop size. (The SimCLR habit of a
-    kernel of 10 % of the side cuts sigma = 2 short on small crops: 9 px at 96 px blurs with a std of 1.85.)"""
-    return 2 * min(math.ceil(4 * BLUR_SIGMA[1]), size - 1) + 1  # reflect padding needs radius < side
-
-
-def per_image_transform(spec):
-    """One view, one image at a time: PIL or uint8 tensor in, float [3, size, size] in [0, 1] out."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=RATIO, interpolation=v2.InterpolationMode.BICUBIC),
-        v2.RandomHorizontalFlip(FLIP_PROB),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.RandomApply([v2.ColorJitter(**JITTER)], p=JITTER_PROB),
-        v2.RandomGrayscale(GRAY_PROB),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(spec.size), sigma=BLUR_SIGMA)], p=spec.blur_prob),
-        v2.RandomSolarize(threshold=0.5, p=spec.solarize_prob),
-        v2.Lambda(lambda x: x.clamp(0, 1).as_subclass(torch.Tensor)),
-    ])
-
-
-class PerImageViews(torch.utils.data.Dataset):
-    """dataset[(index, epoch_seed)] -> (list of views, label, index). Each sample's augmentation is seeded from
-    (epoch seed, index) in the worker, a pure function of (run seed, epoch, index): any number of workers and a
-    mid-epoch resume give the same views."""
-
-    def __init__(self, dataset, specs):
-        self.dataset, self.transforms = dataset, [per_image_transform(s) for s in specs]
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, epoch_seed = key
-        seed = derive_seed(epoch_seed, index)
-        image, label = self.dataset[index]
-        while image is None:  # unreadable file: warn and use the next image instead of crashing mid-epoch
-            warnings.warn(f"skipping unreadable image {self.dataset.samples[index][0]}")
-            index = (index + 1) % len(self.dataset)
-            image, label = self.dataset[index]
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG; leave it as it was
-            torch.manual_seed(seed)
-            return [t(image) for t in self.transforms], label, index
-
-
-def grayscale(x):
-    """ITU-R 601 luma, as torchvision: [B, 3, H, W] -> [B, 1, H, W]."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def adjust_hue(x, shift):
-    """Rotate the HSV hue of each image by shift[b] turns (torchvision's adjust_hue, batched)."""
-    value, _ = x.max(1, keepdim=True)
-    chroma = value - x.min(1, keepdim=True)[0]
-    r, g, b = x.unbind(1)
-    safe = chroma.squeeze(1).clamp_min(1e-12)
-    hue = torch.where(value.squeeze(1) == r, ((g - b) / safe) % 6,                 # hue in sextants [0, 6)
-                      torch.where(value.squeeze(1) == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    hue = (hue + 6 * shift.view(-1, 1, 1)) % 6
-    k = torch.stack([(hue + n) % 6 for n in (5.0, 3.0, 1.0)], 1)  # per output channel R, G, B (no host tensor)
-    return value - chroma * torch.clamp(torch.minimum(k, 4 - k), 0, 1)     # HSV -> RGB, channel by channel
-
-
-def gaussian_blur(x, sigma, kernel_size):
-    """Blur each image b with its own sigma[b] (separable kernel, reflect padding)."""
-    B, C, H, W = x.shape
-    offsets = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - kernel_size // 2
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma.view(-1, 1) ** 2))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, k]
-    x = F.pad(x.reshape(1, B * C, H, W), [kernel_size // 2] * 4, mode="reflect")
-    x = F.conv2d(x, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
-    x = F.conv2d(x, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
-    return x.view(B, C, H, W)
-
-
-def random_crop_boxes(n, height, width, scale, gen, device):
-    """torchvision's RandomResizedCrop.get_params (the authors' crop), for n images at once: up to 10 draws of an
-    area fraction in `scale` and a log-uniform aspect ratio in RATIO, the first whose rounded box fits; if none
-    does, the central crop of the nearest allowed ratio; then a uniform integer position. -> (top, left, h, w) [n]."""
-    tries = 10
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, device=device, generator=gen))
-    log_ratio = math.log(RATIO[0]) + math.log(RATIO[1] / RATIO[0]) * torch.rand(n, tries, device=device, generator=gen)
-    w = (area * log_ratio.exp()).sqrt().round()
-    h = (area / log_ratio.exp()).sqrt().round()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)  # index of the first draw that fits
-    if width / height < RATIO[0]:  # the fallback box, as torchvision's
-        fallback = width, round(width / RATIO[0])
-    elif width / height > RATIO[1]:
-        fallback = round(height * RATIO[1]), height
-    else:
-        fallback = width, height
-    found = fits.any(1)
-    w = torch.where(found, w.gather(1, first).squeeze(1), fallback[0])
-    h = torch.where(found, h.gather(1, first).squeeze(1), fallback[1])
-    top = torch.where(found, (torch.rand(n, device=device, generator=gen) * (height - h + 1)).floor(), (height - h) // 2)
-    left = torch.where(found, (torch.rand(n, device=device, generator=gen) * (width - w + 1)).floor(), (width - w) // 2)
-    return top, left, h, w
-
-
-def resize_weights(start, length, size, in_size):
-    """[n, size, in_size]: row o of image b holds the weights with which output pixel o reads input pixels
-    start[b] ... start[b] + length[b] - 1: the antialiased bicubic filter of PIL (which the authors resize with) and
-    of torch's antialias=True (a = -0.5), widened by the shrink factor when the crop is shrunk, cut to the crop."""
-    scale = (length / size).view(-1, 1, 1)  # input pixels per output pixel
-    centre = (torch.arange(size, device=start.device) + 0.5).view(1, -1, 1) * scale
-    x = torch.arange(in_size, device=start.device).view(1, 1, -1) - start.view(-1, 1, 1)  # in crop coordinates
-    t = (x + 0.5 - centre).abs() / scale.clamp(min=1)
-    a = -0.5
-    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1, torch.where(t < 2, a * (((t - 5) * t + 8) * t - 4), 0.0))
-    weights = cubic * ((x >= 0) & (x < length.view(-1, 1, 1)))
-    return weights / weights.sum(2, keepdim=True)
-
-
-def resized_crops(images, top, left, h, w, size, flip):
-    """Crop image b to rows top[b] ... + h[b], columns left[b] ... + w[b], resize to size x size and mirror where
-    flip[b]: uint8 [B, 3, H, W] -> float [B, 3, size, size] in [0, 1]. As PIL (the authors') and torchvision's uint8
-    resize: antialiased bicubic, horizontal pass first, each pass rounded and clipped to uint8 levels."""
-    rows = resize_weights(top, h, size, images.shape[2])  # [B, size, H]
-    cols = resize_weights(left, w, size, images.shape[3])  # [B, size, W]
-    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
-    x = torch.einsum("bchw,btw->bcht", images.float(), cols).round().clamp(0, 255)
-    x = torch.einsum("bsh,bcht->bcst", rows, x).round().clamp(0, 255)
-    return x / 255
-
-
-def batch_view(images, specs, gen, jitter_order=(0, 1, 2, 3)):
-    """Views `specs` (all of one size and crop scale, e.g. the local crops) of a whole batch in one pass: uint8
-    [B, 3, H, W] -> float [len(specs) * B, 3, size, size] in [0, 1], view after view, every sample with its own
-    random crop, flip, jitter factors, grayscale, blur and solarisation, each with its view's probability. One
-    difference from torchvision's per-image transforms: the order of the four colour jitters is drawn once per
-    call, not per image."""
-    size, scale, k = specs[0].size, specs[0].scale, len(specs)
-    images = images.repeat(k, 1, 1, 1)
-    B, _, H, W = images.shape  # samples of all k views
-    dev = images.device
-
-    def uniform(low, high, n=B):
-        return low + (high - low) * torch.rand(n, device=dev, generator=gen)
-
-    def chance(probs):  # one probability per view -> one boolean per sample
-        u = torch.rand(len(probs), B // len(probs), device=dev, generator=gen)
-        return torch.cat([u[j] < p for j, p in enumerate(probs)]) if len(set(probs)) > 1 else (u < probs[0]).flatten()
-
-    # RandomResizedCrop + horizontal flip, as torchvision's (and the authors' PIL) per image.
-    top, left, h, w = random_crop_boxes(B, H, W, scale, gen, dev)
-    x = resized_crops(images, top, left, h, w, size, chance([FLIP_PROB]))
-
-    # Colour jitter with probability JITTER_PROB (factor 1 / shift 0 means "not applied"), in jitter_order.
-    jitter = chance([JITTER_PROB])
-    factors = {name: torch.where(jitter, uniform(1 - s, 1 + s), 1.0).view(B, 1, 1, 1)
-               for name, s in JITTER.items() if name != "hue"}
-    hue = torch.where(jitter, uniform(-JITTER["hue"], JITTER["hue"]), 0.0)
-    for op in jitter_order:
-        if op == 0:
-            x = (x * factors["brightness"]).clamp(0, 1)
-        elif op == 1:
-            mean = grayscale(x).mean((1, 2, 3), keepdim=True)
-            x = (factors["contrast"] * x + (1 - factors["contrast"]) * mean).clamp(0, 1)
-        elif op == 2:
-            x = (factors["saturation"] * x + (1 - factors["saturation"]) * grayscale(x)).clamp(0, 1)
-        else:
-            x = adjust_hue(x, hue)
-    x = torch.where(chance([GRAY_PROB]).view(B, 1, 1, 1), grayscale(x).expand_as(x), x)
-    if any(spec.blur_prob > 0 for spec in specs):  # sigma ~ U(0.1, 2) where blurred; a tiny sigma is an exact identity kernel
-        sigma = torch.where(chance([spec.blur_prob for spec in specs]), uniform(*BLUR_SIGMA), 1e-3)
-        x = gaussian_blur(x, sigma, blur_kernel_size(size))
-    if any(spec.solarize_prob > 0 for spec in specs):
-        x = torch.where(chance([spec.solarize_prob for spec in specs]).view(B, 1, 1, 1) & (x >= 0.5), 1 - x, x)
-    return x.clamp(0, 1)  # the blur's rounding can step 1e-7 outside [0, 1]
-
-
-def batch_views(images, specs, seed):
-    """All views of a batch, a list as `specs`; the views of one size and scale (the two global crops, the local
-    crops) come from one batch_view call: a few large kernels instead of many small ones per view."""
-    gen = torch.Generator(device=images.device).manual_seed(seed)
-    order_gen = torch.Generator().manual_seed(seed)  # jitter order drawn on the host: no device sync
-    views = []
-    for _, group in itertools.groupby(specs, key=lambda spec: (spec.size, spec.scale)):
-        group = list(group)
-        views += batch_view(images, group, gen, torch.randperm(4, generator=order_gen).tolist()).chunk(len(group))
-    return views
-
-
-# =====================================================================================================
-# Model: ResNet backbone -> projection MLP (l2-normalised) -> weight-normalised linear heads, one per C.
-# =====================================================================================================
-class SelfClassifier(nn.Module):
-    def __init__(self, arch="resnet18", small_stem=True, hidden_dim=4096, embed_dim=128, num_classes=(10,),
-                 pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
-        super().__init__()
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1))  # saved with the weights
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
-        self.backbone = getattr(torchvision.models, arch)(weights=None)
-        if small_stem:  # 32 px images: keep the resolution in the stem (initialised as torchvision's convs)
-            self.backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(self.backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
-            self.backbone.maxpool = nn.Identity()
-        self.feature_dim = self.backbone.fc.in_features
-        self.backbone.fc = nn.Identity()
-        self.projector = nn.Sequential(
-            nn.Linear(self.feature_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.LeakyReLU(inplace=True),
-            nn.Linear(hidden_dim, embed_dim))
-        for layer in self.projector:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
-        self.heads = nn.ModuleList()
-        for c in num_classes:
-            head = nn.utils.parametrizations.weight_norm(nn.Linear(embed_dim, c, bias=False))
-            head.parametrizations.weight.original0.data.fill_(1.0)  # weight-norm magnitude g starts at 1
-            self.heads.append(head)
-
-    def features(self, images):
-        """Backbone features [B, feature_dim] of float images in [0, 1] (the only part autocast may lower)."""
-        return self.backbone((images - self.pixel_mean) / self.pixel_std)
-
-    def embed(self, features):
-        """Projection MLP, l2-normalised, in the parameters' float32 even under autocast: [B, feature_dim] ->
-        [B, embed_dim]."""
-        with torch.autocast(features.device.type, enabled=False):
-            features = features.to(self.projector[0].weight.dtype)
-            return F.normalize(self.projector(features), dim=1, eps=1e-7)  # the authors' eps
-
-    def classify(self, z):
-        """Logits of every head in the parameters' float32 even under autocast (the column softmax divides them by
-        col_tau, which would multiply bf16 rounding errors by 20): [B, embed_dim] -> list of [B, C]."""
-        with torch.autocast(z.device.type, enabled=False):
-            z = z.to(self.projector[0].weight.dtype)
-            return [head(z) for head in self.heads]
-
-    def forward(self, views):
-        """views: list of [B, 3, h, w] -> (embeddings: list over views of [B, D],
-        logits: list over heads of list over views of [B, C]).
-
-        As the authors: the backbone runs once per crop resolution, then the projection runs once on the
-        features of all views together, so its BatchNorm normalises over global and local views at once."""
-        features, start = [], 0
-        while start < len(views):
-            end = start
-            while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
-                end += 1
-            features.append(self.features(torch.cat(views[start:end])))
-            start = end
-        z = self.embed(torch.cat(features))                                   # [V*B, D]
-        embeddings = list(z.chunk(len(views)))
-        return embeddings, [list(s.chunk(len(views))) for s in self.classify(z)]
-
-
-def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
-    small_stem = resolve_stem(cfg.stem, cfg.global_size) == "cifar"
-    return SelfClassifier(cfg.arch, small_stem, cfg.hidden_dim, cfg.embed_dim, cfg.num_classes, pixel_mean, pixel_std)
-
-
-# =====================================================================================================
-# Loss (paper Eq. 4-5, Algorithm 1)
-# =====================================================================================================
-def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, num_global=2, eps=1e-12):
-    """Self-Classifier cross-entropy of one classification head over all views.
-
-    logits: list over views (global views first) of [B, C] logits s = head(z) of this rank's B images.
-    Under DDP they are all-gathered *with gradient* into [N, C], N = B x world size: both normalisations
-    below run over the global batch; each rank then keeps its own B rows, so the mean over ranks is the
-    global mean.
-
-        p(y|x)  = softmax_y(s / row_tau)                       "row softmax", over classes
-        p(x|y)  = softmax_x(s / col_tau)                       "column softmax", over the batch
-        target(x_i)[n, y]  = p(x_n|y) / sum_y' p(x_n|y')                 (Eq. 5, via Bayes: uniform p(y))
-        logpred(x_j)[n, y] = log( N/C * p(y|x_n) / sum_n' p(y|x_n') )   (Eq. 4: uniform prior on classes)
-        l(i, j) = -1/N sum_n sum_y target(x_i)[n, y] * logpred(x_j)[n, y]
-
-    Returns the mean of l(i, j) over ordered pairs (target view i, predicted view j), i != j, skipping pairs
-    where both views are local (index >= num_global); for two views this is (l(1,2) + l(2,1)) / 2. No
-    stop-gradient: the target is differentiated too. Computed in float32 even under autocast. eps = 1e-12 is
-    the authors' default: once logits reach about 3, eps = 1e-8 changes the loss by ~25 % and the gradient by
-    more than 100 % (column-softmax masses of a sample fall below 1e-8).
-    """
-    B = logits[0].shape[0]
-    rows = slice(rank() * B, (rank() + 1) * B)
-    s = torch.stack(logits, 1)                                                  # [B, V, C]: all views at once
-    s = gather_with_grad(s.to(torch.promote_types(s.dtype, torch.float32)))  # [N, V, C], at least float32
-    N, V, C = s.shape
-    targets = F.normalize(F.softmax(s / col_tau, dim=0), p=1, dim=2, eps=eps)[rows]
-    log_preds = torch.log(N / C * F.normalize(F.softmax(s / row_tau, dim=2), p=1, dim=0, eps=eps) + eps)[rows]
-    with torch.autocast(s.device.type, enabled=False):  # a matmul: autocast would lower it
-        cross = -torch.einsum("bic,bjc->ij", targets, log_preds) / B                    # [V, V]: l(i, j)
-    view = torch.arange(V, device=s.device)
-    pairs = (view[:, None] != view) & ((view[:, None] < num_global) | (view < num_global))
-    return (cross * pairs).sum() / pairs.sum()
-
-
-# =====================================================================================================
-# Nearest-neighbour augmentation: view 1's embedding is replaced by its nearest neighbour among past ones.
-# =====================================================================================================
-class NeighbourQueue(nn.Module):
-    """FIFO queue of detached view-1 embeddings of past batches (all ranks), with their dataset indices (to
-    never return a sample as its own neighbour) and labels (only to monitor neighbour label agreement)."""
-
-    def __init__(self, length, dim):
-        super().__init__()
-        self.register_buffer("embeddings", torch.zeros(length, dim))
-        self.register_buffer("indices", torch.full((length,), -1, dtype=torch.long))
-        self.register_buffer("labels", torch.full((length,), -1, dtype=torch.long))
-        self.register_buffer("pushed", torch.zeros((), dtype=torch.long))
-
-    def is_full(self):
-        """Reads the counter from the device only until the queue has filled once (it stays full)."""
-        self.known_full = getattr(self, "known_full", False) or int(self.pushed) >= len(self.embeddings)
-        return self.known_full
-
-    @torch.no_grad()
-    def neighbours(self, z, index):
-        """Nearest queued embedding by dot product, excluding the sample itself: [B, D] -> ([B, D], labels [B])."""
-        top2 = (z.float() @ self.embeddings.T).topk(2, dim=1).indices
-        pick = torch.where(self.indices[top2[:, 0]] == index, top2[:, 1], top2[:, 0])
-        return self.embeddings[pick], self.labels[pick]
-
-    @torch.no_grad()
-    def push(self, z, index, labels):
-        z, index, labels = gather(z.float()), gather(index), gather(labels)
-        slots = (self.pushed + torch.arange(len(z), device=z.device)) % len(self.embeddings)
-        self.embeddings[slots], self.indices[slots], self.labels[slots] = z, index, labels
-        self.pushed += len(z)
-
-
-# =====================================================================================================
-# LARS
-# =====================================================================================================
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and a layer-wise trust ratio; reproduces apex LARC(SGD, trust_coefficient=0.001,
-    clip=False) as the authors ran it. For each parameter w with gradient g and non-zero norms:
-
-        local_lr = trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + eps)
-        d = (g + weight_decay * w) * local_lr;   buf = momentum * buf + d;   w -= lr * buf
-
-    A parameter or gradient of norm zero gets d = g (apex then applies no weight decay either). Groups with
-    lars=False (e.g. biases and norm parameters, DINO's choice) get plain SGD with momentum instead.
-    """
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, eps=eps, lars=True))
-
-    @torch.no_grad()
-    def step(self):
-        """One update of every parameter at once (torch._foreach_* kernels over the parameter list): the same
-        arithmetic as the per-parameter formula above, in about 20 launches instead of 15 per parameter."""
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            d = grads
-            if group["lars"]:
-                wd = group["weight_decay"]
-                w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
-                local_lr = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-                # d = (g + wd * w) * local_lr; a zero norm gives d = g: factor 1 when ||w|| = 0 (then wd * w = 0),
-                # factor 0 when ||g|| = 0 (then g = 0)
-                factor = torch.where((w_norm > 0) & (g_norm > 0), local_lr, (g_norm > 0).to(local_lr.dtype))
-                d = torch._foreach_add(grads, params, alpha=wd)
-                torch._foreach_mul_(d, list(factor.to(d[0].dtype).unbind()))
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-            torch._foreach_mul_(bufs, group["momentum"])  # a new buffer: 0 * momentum + d = d
-            torch._foreach_add_(bufs, d)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
-
-
-def build_optimizer(model, cfg):
-    """Param groups: 1-D parameters (biases, BatchNorm weights) separately when excluded; the heads' weight-norm
-    magnitudes are [C, 1], not 1-D, and stay with the rest, as under DINO's and the authors' rule (ndim == 1)."""
-    decay = [p for p in model.parameters() if p.ndim > 1 or not cfg.lars_exclude_1d]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1 and cfg.lars_exclude_1d]
-    groups = [dict(params=decay)] + ([dict(params=no_decay, weight_decay=0.0, lars=False)] if no_decay else [])
-    if cfg.optimizer == "lars":
-        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    for g in groups:
-        g.pop("lars", None)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-# =====================================================================================================
-# Schedule: linear warmup, then cosine decay, per iteration
-# =====================================================================================================
-def lr_at(step, total_steps, warmup_steps, peak_lr, warmup_lr, final_lr):
-    """Learning rate at optimizer step `step` (0-based) of `total_steps`, step for step the authors' schedule (DINO's
-    cosine_scheduler): warmup_lr to peak_lr over the warmup steps, both ends included, then a cosine from peak_lr
-    at the first step after warmup towards final_lr, which it would reach one step after the last."""
-    if step < warmup_steps:
-        return warmup_lr + (peak_lr - warmup_lr) * step / max(1, warmup_steps - 1)
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * progress))
+    def __call__(self, done):
+        now = time.time()
+        if now - self.last >= self.every or (done >= self.total and now - self.start >= self.every):
+            self.last = now
+            if rank() == 0:
+                print(f"{self.what}: {done}/{self.total} {self.unit} ({done / (now - self.start):.0f}/s)", file=sys.stderr, flush=True)
 
 
 # =====================================================================================================
@@ -754,11 +829,12 @@ def rank():
 
 
 def gather_with_grad(x):
-    """All-gather along dim 0, differentiable (each rank's gradient flows back to the rank it came from)."""
+    """All-gather along dim 0, differentiable (each rank's gradient flows back to the rank it came from) ->
+    (the global batch, the slice of this rank's rows in it): the loss's gather in data-parallel training."""
     if world_size() == 1:
-        return x
+        return x, slice(None)
     import torch.distributed.nn.functional as dist_nn
-    return torch.cat(dist_nn.all_gather(x))
+    return torch.cat(dist_nn.all_gather(x)), slice(rank() * len(x), (rank() + 1) * len(x))
 
 
 def gather(x):
@@ -768,6 +844,15 @@ def gather(x):
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
+
+
+def broadcast_from_main(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    if world_size() == 1:
+        return obj
+    objects = [obj]
+    dist.broadcast_object_list(objects, src=0)
+    return objects[0]
 
 
 def all_reduce_sum(x):
@@ -847,6 +932,7 @@ def strip_prefixes(state_dict):
 
 
 MODEL_KEYS = ("arch", "stem", "hidden_dim", "embed_dim", "num_classes")
+RUN_KEYS = ("dataset", "data", "batch_size", "epochs", "minutes", "warmup_epochs", "lr", "warmup_lr", "final_lr", "optimizer")
 
 
 class StandIn:
@@ -988,8 +1074,55 @@ def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what=
 
 
 # =====================================================================================================
-# Training
+# Monitors: collapse (every log line) and the test split (epoch ends)
 # =====================================================================================================
+class Monitor:
+    """Collapse monitors per head: predicted class counts over the epoch, summed over ranks, of the second global
+    view (views[1]), which the nearest-neighbour queue never replaces (views[0]'s logits are its neighbours' once
+    the queue is full); the authors monitor the same view."""
+
+    def __init__(self, num_classes, device):
+        self.counts = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
+        self.last_batch = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
+        self.classes = [torch.arange(c, device=device) for c in num_classes]
+
+    def update(self, head_logits):
+        for head, view_logits in enumerate(head_logits):
+            # not torch.bincount: on a GPU it reads the largest class back to the host, a sync every step
+            self.last_batch[head] = (view_logits[1].argmax(1)[:, None] == self.classes[head]).sum(0)
+            self.counts[head] += self.last_batch[head]
+
+    def summary(self):
+        """{C: (classes used in the last batch, in the epoch so far, entropy of class sizes, ln C)}."""
+        out = {}
+        for batch, counts in zip(self.last_batch, self.counts):
+            batch, counts = all_reduce_sum(batch.clone()), all_reduce_sum(counts.clone())
+            p = counts.double() / counts.sum().clamp_min(1)
+            entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+            out[len(counts)] = (int((batch > 0).sum()), int((counts > 0).sum()), entropy, math.log(len(counts)))
+        return out
+
+
+def evaluate_during_training(model, train_set, eval_set, cfg, device, epoch, step, log, heads=True, knn=False, dtype=None):
+    """Monitors on the evaluation split, without augmentation, the backbone in the training precision dtype. heads:
+    NMI / ACC / ARI of the head(s) whose C equals the number of true classes. knn: is the representation improving?
+    Top-1 of a weighted kNN (k = 20) on backbone features, the labelled training images as neighbours."""
+    test = extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "test features", dtype)
+    for c, pred in zip(cfg.num_classes, test["predictions"]):
+        if heads and c == len(eval_set.classes):
+            m = cluster_metrics(test["labels"].numpy(), pred.numpy())
+            log(dict(event="eval", epoch=epoch, step=step, head=c, **m),
+                f"epoch {epoch} eval head C{c}: NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
+    if knn:
+        train = extract(model, train_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "kNN training features", dtype)
+        labelled = train["labels"] >= 0
+        top1 = knn_accuracy(train["backbone"][labelled], train["labels"][labelled], test["backbone"], test["labels"],
+                            k=min(20, int(labelled.sum())), device=device)["top1"]
+        log(dict(event="knn", epoch=epoch, step=step, k=20, top1=top1), f"epoch {epoch} kNN (k=20, backbone features) top-1 {100 * top1:.1f}")
+
+
+
+
 class Batches:
     """One epoch of training batches for this rank: (views list, labels [B], indices [B]) on the device.
 
@@ -1020,7 +1153,7 @@ class Batches:
         if self.on_device:
             for step in range(self.start, self.steps):
                 index = self.order[step]
-                views = batch_views(self.images[index], self.specs, derive_seed(*self.seed, step))
+                views = multi_crop(self.images[index], self.specs, derive_seed(*self.seed, step))
                 yield views, self.labels[index], index
         else:
             for views, labels, index in self.loader:
@@ -1039,263 +1172,311 @@ def use_batch_aug(cfg, dataset):
     return cfg.batch_aug == "on" or (cfg.batch_aug == "auto" and in_memory)
 
 
-class Monitor:
-    """Collapse monitors per head: predicted class counts over the epoch, summed over ranks, of global view 2, the
-    view the nearest-neighbour queue never replaces (view 1's logits are its neighbours' once the queue is full);
-    the authors monitor the same view."""
-
-    def __init__(self, num_classes, device):
-        self.counts = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
-        self.last_batch = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
-        self.classes = [torch.arange(c, device=device) for c in num_classes]
-
-    def update(self, logits):
-        for head, s in enumerate(logits):
-            # not torch.bincount: on a GPU it reads the largest class back to the host, a sync every step
-            self.last_batch[head] = (s[1].argmax(1)[:, None] == self.classes[head]).sum(0)
-            self.counts[head] += self.last_batch[head]
-
-    def summary(self):
-        """{C: (classes used in the last batch, in the epoch so far, entropy of class sizes, ln C)}."""
-        out = {}
-        for batch, counts in zip(self.last_batch, self.counts):
-            batch, counts = all_reduce_sum(batch.clone()), all_reduce_sum(counts.clone())
-            p = counts.double() / counts.sum().clamp_min(1)
-            entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-            out[len(counts)] = (int((batch > 0).sum()), int((counts > 0).sum()), entropy, math.log(len(counts)))
-        return out
 
 
-def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue, cfg, dtype):
-    """One optimisation step on this rank's batch; returns (loss, logits per head per view, [images whose nearest
-    neighbour has their label, labelled images] or None). `model` may be DDP-wrapped; `raw_model` is the unwrapped
-    SelfClassifier. Nothing is read back to the host (but the queue's fill count, until it has filled once), so on
-    a GPU the host can queue the next step while this one runs."""
-    if views[0].is_cuda:
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    with torch.autocast(views[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        embeddings, logits = model(views)
-    agree = None
-    if queue is not None:  # nearest-neighbour augmentation of view 1 (no gradient to the backbone through it)
-        if queue.is_full():
-            neighbour, neighbour_label = queue.neighbours(embeddings[0], index)
-            labelled = labels >= 0  # counts, not a masked mean: a boolean mask would read the mask back to the host
-            agree = torch.stack([((neighbour_label == labels) & labelled).sum(), labelled.sum()])
-            for head_logits, s in zip(logits, raw_model.classify(neighbour)):
-                head_logits[0] = s
-        queue.push(embeddings[0].detach(), index, labels)
-    loss = sum(self_classifier_loss(s, cfg.row_tau, cfg.col_tau, eps=cfg.eps) for s in logits) / len(logits)  # mean over heads
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach(), logits, agree
+# =====================================================================================================
+# Training loop
+# =====================================================================================================
+BUDGET_MARGIN = 0.03   # --minutes: the share of the budget kept free for the pace's variation and the exit
+MONITOR_SHARE = 0.04   # --minutes: the share of the budget each automatic test-split monitor may take
+PACE_WARMUP_STEPS = 5  # --minutes: steps not timed (cuDNN autotuning, allocator, first batches)
 
 
-def train(cfg):
-    device = setup_distributed(cfg.device)
-    is_main = rank() == 0
-    torch.manual_seed(cfg.seed + rank())
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_file = open(out_dir / "log.jsonl", "a") if is_main else None
-    except OSError as error:
-        raise UserError(f"cannot write to --out-dir {out_dir}: {error.strerror}") from None
+def autocast_dtype(precision, device):
+    """--precision as an autocast dtype (None = float32): auto = bf16 on GPUs that compute it natively (compute
+    capability 8.0, Ampere, and later), fp16 on older GPUs (T4, V100; with the gradient scaler), fp32 on the CPU."""
+    if precision == "auto":
+        precision = ("fp32" if device.type != "cuda" else
+                     "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
-    def log(record, line):
-        if is_main:
+
+class Training:
+    """One run: built from a Config, resumed from OUT_DIR/ckpt.pt when it belongs to this run, trained epoch by epoch
+    with its logs, checkpoints and monitors. With --minutes, the schedule's length is planned from the pace measured
+    in the first steps (plan_budget) and stored in the checkpoint, so a resumed run keeps it."""
+
+    def __init__(self, cfg, started=None):
+        self.cfg, self.started = cfg, started or time.time()
+        self.device = setup_distributed(cfg.device)
+        self.is_main = rank() == 0
+        torch.manual_seed(cfg.seed + rank())
+        self.out_dir, self.ckpt_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(self.out_dir / "log.jsonl", "a") if self.is_main else None
+        except OSError as error:
+            raise UserError(f"cannot write to --out-dir {self.out_dir}: {error.strerror}") from None
+        self.build_data()
+        self.build_model()
+        self.step, self.schedule, self.costs, self.overhead, self.pending_losses = 0, None, {}, 0.0, []
+        self.resume()
+        if self.schedule is None and not cfg.minutes:
+            self.schedule = dict(total_steps=cfg.epochs * self.steps_per_epoch, **self.default_cadences())
+        self.first_step = self.saved_step = self.step
+        self.last_save_time, self.pace_start = time.time(), None
+
+    def log(self, record, line):
+        if self.is_main:
             print(line, flush=True)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
 
-    # data
-    train_set, eval_set = load_split(cfg, train=True), load_split(cfg, train=False)
-    specs = view_specs(cfg)
-    if use_batch_aug(cfg, train_set):  # the whole uint8 dataset lives on the device: no loader, no copies
-        train_set.images, train_set.labels = train_set.images.to(device), train_set.labels.to(device)
-    global_batch = cfg.batch_size * world_size()
-    steps_per_epoch = len(train_set) // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images are fewer than one global batch of {global_batch}")
-    if global_batch < min(cfg.num_classes):  # over-clustering heads may exceed it: the paper's 8000 with 4096
-        warnings.warn(f"global batch {global_batch} < smallest head C={min(cfg.num_classes)}: the uniform prior "
-                      f"asks every class to be used by N/C samples of a batch, which needs many samples per class")
-    if isinstance(train_set, ImageArray):  # per-channel statistics of the training images
-        pixels = train_set.images[:10000].float() / 255
-        mean_std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
-    else:
-        mean_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+    def build_data(self):
+        cfg = self.cfg
+        self.train_set, self.eval_set = load_split(cfg, train=True), load_split(cfg, train=False)
+        self.specs = view_specs(cfg)
+        if use_batch_aug(cfg, self.train_set):  # the whole uint8 dataset lives on the device: no loader, no copies
+            self.train_set.images, self.train_set.labels = self.train_set.images.to(self.device), self.train_set.labels.to(self.device)
+        self.global_batch = cfg.batch_size * world_size()
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(self.train_set)} training images are fewer than one global batch of {self.global_batch}")
+        if self.global_batch < min(cfg.num_classes):  # over-clustering heads may exceed it: the paper's 8000 with 4096
+            warnings.warn(f"global batch {self.global_batch} < smallest head C={min(cfg.num_classes)}: the uniform prior "
+                          f"asks every class to be used by N/C samples of a batch, which needs many samples per class")
+        self.eval_labelled = all(label >= 0 for label in self.eval_set.targets)
+        self.labelled_train = sum(label >= 0 for label in getattr(self.train_set, "targets", []))
 
-    # model, optimizer, queue
-    model = build_model(cfg, *mean_std).to(device)
-    if world_size() > 1:
-        model = sync_batchnorm(model, device, cfg.bn_group_size)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN tries its kernels once, keeps the fastest (as the authors)
-    optimizer = build_optimizer(model, cfg)
-    queue = NeighbourQueue(cfg.queue_len, cfg.embed_dim).to(device) if cfg.queue_len else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[
-        cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    def build_model(self):
+        cfg, device = self.cfg, self.device
+        if isinstance(self.train_set, ImageArray):  # per-channel statistics of the training images
+            pixels = self.train_set.images[:10000].float() / 255
+            mean_std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
+        else:
+            mean_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+        self.raw_model = model = build_model(cfg, *mean_std).to(device)
+        if world_size() > 1:
+            self.raw_model = model = sync_batchnorm(model, device, cfg.bn_group_size)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN tries its kernels once, keeps the fastest (as the authors)
+        self.optimizer = build_optimizer(model, cfg)
+        self.queue = NeighbourQueue(cfg.queue_len, cfg.embed_dim).to(device) if cfg.queue_len else None
+        self.dtype = autocast_dtype(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        if cfg.compile:
+            model.backbone = torch.compile(model.backbone)
+        self.model = model
+        if world_size() > 1:
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # resume
-    step = 0
-    resume_path = ckpt_path if ckpt_path.exists() else Path(cfg.resume) if cfg.resume else None  # our own run first
-    if resume_path:
-        state = load_checkpoint(resume_path)
-        saved = state["config"]
-        changed = [k for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)]
+    def resume(self):
+        """Continue this run from OUT_DIR/ckpt.pt, or start from --resume; refuse a checkpoint of another run."""
+        cfg = self.cfg
+        own = self.ckpt_path.exists()
+        path = self.ckpt_path if own else Path(cfg.resume) if cfg.resume else None
+        if path is None:
+            return
+        state = load_checkpoint(path)
+        saved, defaults = state["config"], dataclasses.asdict(Config())
+        keys = MODEL_KEYS + (RUN_KEYS if own else ())  # --resume FILE: a new run from another's weights
+        changed = [k for k in keys if saved.get(k, defaults[k]) != getattr(cfg, k) and not (k == "data" and cfg.dataset == "synthetic")]
         if changed:
-            raise UserError(f"checkpoint {resume_path} was trained with " + ", ".join(f"{k}={saved.get(k)}" for k in changed)
+            raise UserError(f"checkpoint {path} was trained with " + ", ".join(f"{k}={saved.get(k, defaults[k])}" for k in changed)
                             + "; this run asks for " + ", ".join(f"{k}={getattr(cfg, k)}" for k in changed)
                             + " (use another --out-dir or the same settings)")
-        model.load_state_dict(strip_prefixes(state["model"]))
+        self.raw_model.load_state_dict(strip_prefixes(state["model"]))
         if state.get("source") == "authors":
-            log(dict(event="init", source=str(resume_path)), f"initialised the model from the authors' checkpoint "
-                f"{resume_path}; optimizer, schedule and queue start fresh")
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            if queue is not None and state.get("queue"):
-                queue.load_state_dict(state["queue"])
-            step = state["step"]
-            log(dict(event="resume", step=step), f"resumed from {resume_path} at step {step}")
+            self.log(dict(event="init", source=str(path)), f"initialised the model from the authors' checkpoint "
+                     f"{path}; optimizer, schedule and queue start fresh")
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.queue is not None and state.get("queue"):
+            self.queue.load_state_dict(state["queue"])
+        self.step, self.schedule = state["step"], state.get("schedule") if own else None
+        self.log(dict(event="resume", step=self.step), f"resumed from {path} at step {self.step}")
 
-    raw_model = model
-    if cfg.compile:
-        model.backbone = torch.compile(model.backbone)
-    if world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log(dict(event="config", config=dataclasses.asdict(cfg), world_size=world_size()),
-        f"config: {json.dumps(dataclasses.asdict(cfg))}\n{len(train_set)} training images, {steps_per_epoch} steps "
-        f"per epoch of {global_batch} images, {len(specs)} views, {world_size()} process(es) on {device}")
+    def default_cadences(self):
+        """Epochs between the test-split monitors without a budget: heads every epoch, kNN every 10 epochs on training
+        splits of at most 100,000 labelled images (a pass over the training split each time)."""
+        cfg = self.cfg
+        return dict(eval_every=1 if cfg.eval_every < 0 else cfg.eval_every,
+                    knn_every=(10 if 0 < self.labelled_train <= 100_000 else 0) if cfg.knn_every < 0 else cfg.knn_every)
 
-    total_steps = cfg.epochs * steps_per_epoch
-    labelled_train = sum(l >= 0 for l in getattr(train_set, "targets", []))
-    knn_every = cfg.knn_every if cfg.knn_every >= 0 else (10 if 0 < labelled_train <= 100_000 else 0)
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    first_step = saved_step = step
-    last_save_time = time.time()
-    if step >= last_step:
-        log(dict(event="finished", step=step), f"already trained {step // steps_per_epoch} epochs ({step} steps) in "
-            f"{out_dir}; nothing to do — use another --out-dir or more --epochs")  # the loop below is skipped
+    @property
+    def total_steps(self):  # before a budget is planned: the provisional --epochs
+        return self.schedule["total_steps"] if self.schedule else self.cfg.epochs * self.steps_per_epoch
 
-    def checkpoint():
-        nonlocal saved_step, last_save_time
-        check_losses()
-        if is_main:
-            save_checkpoint(ckpt_path, dict(model=strip_prefixes(raw_model.state_dict()), optimizer=optimizer.state_dict(),
-                                            scaler=scaler.state_dict(), queue=queue.state_dict() if queue else None,
-                                            step=step, config=dataclasses.asdict(cfg)))
-        saved_step, last_save_time = step, time.time()
+    @property
+    def last_step(self):
+        return min(self.total_steps, self.cfg.max_steps) if self.cfg.max_steps else self.total_steps
 
-    pending_losses = []  # (step, loss tensor) not yet copied to the host: no sync per step
+    def checkpoint(self):
+        started = time.time()
+        self.check_losses()
+        if self.is_main:
+            save_checkpoint(self.ckpt_path, dict(
+                model=strip_prefixes(self.raw_model.state_dict()), optimizer=self.optimizer.state_dict(),
+                scaler=self.scaler.state_dict(), queue=self.queue.state_dict() if self.queue else None,
+                step=self.step, schedule=self.schedule, config=dataclasses.asdict(self.cfg)))
+        self.saved_step, self.last_save_time = self.step, time.time()
+        self.costs["checkpoint"] = time.time() - started
+        self.overhead += self.costs["checkpoint"]
 
-    def check_losses():
-        values = torch.stack([l for _, l in pending_losses]).tolist() if pending_losses else []
-        for (s, _), value in zip(pending_losses, values):
+    def check_losses(self):
+        """The losses since the last check, copied to the host at once (no sync per step); a NaN stops the run."""
+        values = torch.stack([loss for _, loss in self.pending_losses]).tolist() if self.pending_losses else []
+        for (step, _), value in zip(self.pending_losses, values):
             if not math.isfinite(value):
-                raise UserError(f"loss is {value} at step {s}; stopping. {ckpt_path} (step {saved_step}) is left as it "
-                                "was: lower --lr, or use --precision bf16/fp32 instead of fp16")
-        pending_losses.clear()
+                raise UserError(f"loss is {value} at step {step}; stopping. {self.ckpt_path} (step {self.saved_step}) is "
+                                "left as it was: lower --lr, or use --precision bf16/fp32 instead of fp16")
+        self.pending_losses.clear()
         return values
 
-    interrupted = []  # Ctrl-C finishes the current step, saves a checkpoint, then exits
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    def run(self):
+        if self.step >= self.last_step:
+            self.log(dict(event="finished", step=self.step), f"already trained {self.step // self.steps_per_epoch} epochs "
+                     f"({self.step} steps) in {self.out_dir}; nothing to do — use another --out-dir or more --epochs")
+        cfg = self.cfg
+        self.log(dict(event="config", config=dataclasses.asdict(cfg), world_size=world_size()),
+                 f"config: {json.dumps(dataclasses.asdict(cfg))}\n{len(self.train_set)} training images, "
+                 f"{self.steps_per_epoch} steps per epoch of {self.global_batch} images, {len(self.specs)} views, "
+                 f"{world_size()} process(es) on {self.device}")
+        self.interrupted = []  # Ctrl-C finishes the current step, saves a checkpoint, then exits
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: self.interrupted.append(True))
+        try:
+            while self.step < self.last_step:
+                self.train_epoch(self.step // self.steps_per_epoch)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(self.specs)} views; "
+                            f"try a smaller --batch-size (or fewer --local-crops)") from None
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            if self.log_file:
+                self.log_file.close()
+        return self.raw_model
 
-    def stop_requested():  # one process: a plain check; DDP: all ranks agree (a sync, so only at log steps)
+    def train_epoch(self, epoch):
+        cfg, spe = self.cfg, self.steps_per_epoch
+        monitor = Monitor(cfg.num_classes, self.device)
+        batches = iter(Batches(self.train_set, cfg, self.specs, self.device, epoch, self.step % spe, spe))
+        interval = dict(start=time.time(), wait=0.0, images=0, agree=[])
+        warmup_steps = round(cfg.warmup_epochs * spe)
+        while self.step < self.last_step and self.step // spe == epoch:
+            started = time.time()
+            views, labels, index = next(batches)
+            interval["wait"] += time.time() - started
+            lr = lr_at(self.step, self.total_steps, warmup_steps, cfg.lr, cfg.warmup_lr, cfg.final_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            swap = self.step >= cfg.queue_start * self.total_steps
+            loss, head_logits, agree = train_step(self.model, self.raw_model, self.optimizer, self.scaler, views, labels,
+                                                  index, self.queue, cfg, self.dtype, neighbour_swap=swap)
+            if agree is not None:
+                interval["agree"].append(agree)
+            monitor.update([[s.detach() for s in view_logits] for view_logits in head_logits])
+            self.pending_losses.append((self.step, loss))
+            self.step += 1
+            interval["images"] += self.global_batch
+            steps_run = self.step - self.first_step  # by this process; 1, 2, 4, ... log early (the same steps on every rank)
+            early = steps_run < cfg.log_every and (steps_run & (steps_run - 1)) == 0
+            if early or self.step % cfg.log_every == 0 or self.step == self.last_step or self.step % spe == 0:
+                self.log_interval(epoch, lr, monitor, interval)
+                interval = dict(start=time.time(), wait=0.0, images=0, agree=[])
+            if time.time() - self.last_save_time > 60 * cfg.save_every_min:
+                self.checkpoint()
+            if (world_size() == 1 or self.step % cfg.log_every == 0) and self.stop_requested():  # same step on all ranks
+                self.checkpoint()
+                self.log(dict(event="interrupted", step=self.step), f"interrupted: saved {self.ckpt_path} at step {self.step}")
+                raise SystemExit(130)
+            if self.schedule is None:
+                self.pace(warmup_steps)
+        self.checkpoint()
+        if self.step % spe == 0 or self.step == self.total_steps:
+            final = self.step == self.total_steps
+            every = self.schedule or self.default_cadences()
+            self.monitor(epoch, *(bool(e) and ((epoch + 1) % e == 0 or final) for e in (every["eval_every"], every["knn_every"])))
+
+    def stop_requested(self):  # one process: a plain check; DDP: all ranks agree (a sync, so only at log steps)
         if world_size() == 1:
-            return bool(interrupted)
-        return bool(all_reduce_sum(torch.tensor([float(bool(interrupted))], device=device)) > 0)
+            return bool(self.interrupted)
+        return bool(all_reduce_sum(torch.tensor([float(bool(self.interrupted))], device=self.device)) > 0)
 
-    try:
-        while step < last_step:
-            epoch, start = divmod(step, steps_per_epoch)
-            monitor = Monitor(cfg.num_classes, device)
-            batches = iter(Batches(train_set, cfg, specs, device, epoch, start, steps_per_epoch))
-            t_interval, wait_time, images_seen, nn_agree = time.time(), 0.0, 0, []
-            while step < last_step and step // steps_per_epoch == epoch:
-                t0 = time.time()
-                views, labels, index = next(batches)
-                wait_time += time.time() - t0
-                lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.warmup_lr, cfg.final_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss, logits, agree = train_step(model, raw_model, optimizer, scaler, views, labels, index, queue, cfg, dtype)
-                if agree is not None:
-                    nn_agree.append(agree)
-                monitor.update([[s.detach() for s in head] for head in logits])
-                pending_losses.append((step, loss.detach()))
-                step += 1
-                images_seen += global_batch
+    def log_interval(self, epoch, lr, monitor, interval):
+        losses = self.check_losses()
+        loss_mean = all_reduce_sum(torch.tensor([sum(losses) / len(losses)], device=self.device)) / world_size()
+        elapsed = time.time() - interval["start"]
+        heads = monitor.summary()
+        record = dict(event="train", epoch=epoch, step=self.step, loss=float(loss_mean), lr=lr,  # mean over ranks
+                      images_per_s=interval["images"] / elapsed, data_wait=interval["wait"] / elapsed,
+                      heads={c: dict(batch_classes=b, epoch_classes=e, entropy=h, log_c=lc) for c, (b, e, h, lc) in heads.items()})
+        same_label, labelled = torch.stack(interval["agree"]).sum(0).tolist() if interval["agree"] else (0, 0)
+        if labelled:
+            record["nn_label_agreement"] = same_label / labelled
+        self.log(record, f"epoch {epoch} step {self.step}/{self.total_steps} loss {record['loss']:.4f} lr {lr:.4g} "
+                         f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% | "
+                         + " ".join(f"C{c}: {e}/{c} used (batch {b}), H {h:.2f}/{lc:.2f}" for c, (b, e, h, lc) in heads.items())
+                         + (f" | NN same label {record['nn_label_agreement']:.2f}" if labelled else ""))
 
-                steps_run = step - first_step  # by this process; 1, 2, 4, ... log early (the same steps on every rank)
-                early = steps_run < cfg.log_every and (steps_run & (steps_run - 1)) == 0
-                if early or step % cfg.log_every == 0 or step == last_step or step % steps_per_epoch == 0:
-                    losses = check_losses()
-                    loss_mean = all_reduce_sum(torch.tensor([sum(losses) / len(losses)], device=device)) / world_size()
-                    elapsed = time.time() - t_interval
-                    heads = monitor.summary()
-                    record = dict(event="train", epoch=epoch, step=step, loss=float(loss_mean), lr=lr,  # mean over ranks
-                                  images_per_s=images_seen / elapsed, data_wait=wait_time / elapsed,
-                                  heads={c: dict(batch_classes=b, epoch_classes=e, entropy=h, log_c=lc) for c, (b, e, h, lc) in heads.items()})
-                    same_label, labelled = torch.stack(nn_agree).sum(0).tolist() if nn_agree else (0, 0)
-                    if labelled:
-                        record["nn_label_agreement"] = same_label / labelled
-                    log(record, f"epoch {epoch} step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.4g} "
-                                f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% | "
-                                + " ".join(f"C{c}: {e}/{c} used (batch {b}), H {h:.2f}/{lc:.2f}" for c, (b, e, h, lc) in heads.items())
-                                + (f" | NN same label {record['nn_label_agreement']:.2f}" if labelled else ""))
-                    t_interval, wait_time, images_seen, nn_agree = time.time(), 0.0, 0, []
-                if time.time() - last_save_time > 60 * cfg.save_every_min:
-                    checkpoint()
-                if (world_size() == 1 or step % cfg.log_every == 0) and stop_requested():  # same step on all ranks
-                    checkpoint()
-                    log(dict(event="interrupted", step=step), f"interrupted: saved {ckpt_path} at step {step}")
-                    raise SystemExit(130)
+    def monitor(self, epoch, heads, knn):
+        """The due test-split monitors (rank 0, labelled evaluation splits only), each timed for plan_budget."""
+        for what, due in (("heads", heads), ("knn", knn)):
+            if due and self.is_main and self.eval_labelled:
+                started = time.time()
+                evaluate_during_training(self.raw_model, self.train_set, self.eval_set, self.cfg, self.device, epoch,
+                                         self.step, self.log, heads=what == "heads", knn=what == "knn", dtype=self.dtype)
+                self.costs[what] = time.time() - started
+                self.overhead += self.costs[what]
 
-            checkpoint()
-            epoch_done = step % steps_per_epoch == 0
-            heads_due = bool(cfg.eval_every) and (epoch + 1) % cfg.eval_every == 0
-            knn_due = bool(knn_every) and ((epoch + 1) % knn_every == 0 or step == total_steps)
-            if is_main and epoch_done and (heads_due or knn_due) and all(l >= 0 for l in eval_set.targets):
-                evaluate_during_training(raw_model, train_set, eval_set, cfg, device, epoch, log, heads_due, knn_due, dtype)
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(specs)} views; "
-                        f"try a smaller --batch-size (or fewer --local-crops)") from None
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        if log_file:
-            log_file.close()
-    return raw_model
+    def pace(self, warmup_steps):
+        """--minutes: time the steps after the first PACE_WARMUP_STEPS, then plan the budget within the warmup, whose
+        length does not depend on the schedule's (so every step follows the planned schedule), after at least 10
+        timed steps and 2 % of the budget (or just before the provisional schedule's last step)."""
+        steps_run = self.step - self.first_step
+        if steps_run == PACE_WARMUP_STEPS:
+            self.pace_start = (time.time(), self.overhead, self.step)
+        if self.pace_start is None or steps_run < PACE_WARMUP_STEPS + 10:
+            return
+        timed = time.time() - self.pace_start[0] - (self.overhead - self.pace_start[1])
+        if timed >= 0.02 * 60 * self.cfg.minutes or self.step + 1 >= warmup_steps or self.step + 1 >= self.last_step:
+            self.plan_budget(timed / (self.step - self.pace_start[2]), warmup_steps)
+
+    def plan_budget(self, step_time, warmup_steps):
+        """Fix the schedule's length so that the rest of the run (steps, a checkpoint per epoch, the monitors and the
+        final ones) ends inside the budget; automatic monitor cadences take at most MONITOR_SHARE of it each."""
+        cfg, spe, budget = self.cfg, self.steps_per_epoch, 60 * self.cfg.minutes
+        epoch = self.step // spe
+        self.checkpoint()  # one of each, timed now
+        self.monitor(epoch, cfg.eval_every != 0, cfg.knn_every != 0 and self.labelled_train > 0)
+        costs = {what: self.costs.get(what, 0.0) for what in ("checkpoint", "heads", "knn")}
+        remaining = budget * (1 - BUDGET_MARGIN) - (time.time() - self.started)
+        epochs_guess = max(remaining, 0) / (spe * step_time + costs["checkpoint"])
+
+        def cadence(given, cost):
+            if given >= 0 or not self.eval_labelled:
+                return max(given, 0)
+            return max(1, math.ceil(cost * epochs_guess / (MONITOR_SHARE * budget)))
+
+        every = dict(eval_every=cadence(cfg.eval_every, costs["heads"]),
+                     knn_every=cadence(cfg.knn_every, costs["knn"]) if self.labelled_train else 0)
+        monitors = [(costs[what], every[key]) for what, key in (("heads", "eval_every"), ("knn", "knn_every")) if every[key]]
+        per_step = step_time + (costs["checkpoint"] + sum(cost / e for cost, e in monitors)) / spe
+        final = costs["checkpoint"] + sum(cost for cost, _ in monitors)
+        total = self.step + max(1, int((remaining - final) / per_step))
+        self.schedule = broadcast_from_main(dict(total_steps=total, **every))  # every rank follows rank 0's plan
+        record = dict(event="budget", minutes=cfg.minutes, images_per_s=self.global_batch / step_time, epochs=total / spe,
+                      seconds_per_step=step_time, costs=costs, planned_at_step=self.step, **self.schedule)
+        self.log(record, f"budget {cfg.minutes:g} min: {record['images_per_s']:,.0f} img/s measured, {total / spe:.1f} epochs "
+                 f"({total:,} steps); test-split monitor every {every['eval_every']} epoch(s) ({costs['heads']:.1f} s each), "
+                 f"kNN every {every['knn_every']} ({costs['knn']:.1f} s), checkpoint {costs['checkpoint']:.2f} s per epoch "
+                 "(0 = never)")
+        if total <= warmup_steps:
+            warnings.warn(f"the budget allows {total} steps, no more than the {warmup_steps} warmup steps: the cosine never "
+                          f"starts; lower --warmup-epochs or raise --minutes")
 
 
-def evaluate_during_training(model, train_set, eval_set, cfg, device, epoch, log, heads=True, knn=False, dtype=None):
-    """Monitors on the evaluation split, without augmentation, the backbone in the training precision dtype. heads:
-    NMI / ACC / ARI of the head(s) whose C equals the number of true classes. knn: is the representation improving?
-    Top-1 of a weighted kNN (k = 20) on backbone features, the labelled training images as neighbours."""
-    test = extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "test features", dtype)
-    for c, pred in zip(cfg.num_classes, test["predictions"]):
-        if heads and c == len(eval_set.classes):
-            m = cluster_metrics(test["labels"].numpy(), pred.numpy())
-            log(dict(event="eval", epoch=epoch, head=c, **m),
-                f"epoch {epoch} eval head C{c}: NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
-    if knn:
-        train = extract(model, train_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "kNN training features", dtype)
-        labelled = train["labels"] >= 0
-        top1 = knn_accuracy(train["backbone"][labelled], train["labels"][labelled], test["backbone"], test["labels"],
-                            k=min(20, int(labelled.sum())), device=device)["top1"]
-        log(dict(event="knn", epoch=epoch, k=20, top1=top1), f"epoch {epoch} kNN (k=20, backbone features) top-1 {100 * top1:.1f}")
+def train(cfg, started=None):
+    """Train (or resume) the run cfg describes; returns the unwrapped model. started: when the budget's clock started
+    (default: now)."""
+    return Training(cfg, started).run()
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     try:
-        train(cfg)
+        train(cfg, STARTED)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)

@@ -184,8 +184,8 @@ def readme_imagenet_command():
 
 
 def test_readme_imagenet_command_has_the_authors_view_recipe():
-    """Global view 1 (the one the queue replaces) blurred with p 0.1, view 2 always blurred and solarised with
-    p 0.2, local views blurred with p 0.5 (the authors' recipe; the reverse blur order was once quoted here)."""
+    """The first global view (the one the queue replaces) blurred with p 0.1, the second always blurred and solarised
+    with p 0.2, local views blurred with p 0.5 (the authors' recipe; the reverse blur order was once quoted here)."""
     cfg = sc.parse_config(readme_imagenet_command())
     assert (cfg.batch_size * 66, cfg.bn_group_size, cfg.precision, cfg.lr) == (4092, 22, "fp32", 3.2)  # train_800ep.sh
     specs = sc.view_specs(cfg)
@@ -195,39 +195,38 @@ def test_readme_imagenet_command_has_the_authors_view_recipe():
     assert [s.solarize_prob for s in specs] == [0.0, 0.2] + [0.0] * 6
 
 
-def test_batch_views_shapes_range_determinism_and_per_sample_randomness():
+def test_multi_crop_shapes_range_determinism_and_per_sample_randomness():
     specs = sc.view_specs(sc.parse_config(["--blur-prob", "0.5", "0.5", "0.5"]))
     images = sc.make_synthetic(False).images[:1].repeat(64, 1, 1, 1)  # the same image 64 times
-    views = sc.batch_views(images, specs, seed=3)
+    views = sc.multi_crop(images, specs, seed=3)
     assert [tuple(v.shape) for v in views] == [(64, 3, 32, 32)] * 2 + [(64, 3, 16, 16)] * 4
     assert all(v.min() >= 0 and v.max() <= 1 for v in views)
-    assert all(torch.equal(a, b) for a, b in zip(views, sc.batch_views(images, specs, seed=3)))
-    assert not torch.equal(views[0], sc.batch_views(images, specs, seed=4)[0])
+    assert all(torch.equal(a, b) for a, b in zip(views, sc.multi_crop(images, specs, seed=3)))
+    assert not torch.equal(views[0], sc.multi_crop(images, specs, seed=4)[0])
     distinct = torch.unique(views[0].flatten(1), dim=0)
     assert len(distinct) == 64  # every copy of the image got its own crop / colour parameters
 
 
-def test_batch_view_without_randomness_is_the_identity():
-    spec = sc.ViewSpec(size=32, scale=(1.0, 1.0), blur_prob=0.0, solarize_prob=0.0)
+NO_COLOUR = dict(jitter_prob=0.0, gray_prob=0.0, flip_prob=0.0)  # with scale (1, 1) and RATIO (1, 1): no randomness
+
+
+def test_crops_of_one_size_without_randomness_is_the_identity(monkeypatch):
+    spec = sc.ViewSpec(size=32, scale=(1.0, 1.0), blur_prob=0.0, solarize_prob=0.0, **NO_COLOUR)
     images = sc.make_synthetic(False).images[:8]
-    old = sc.JITTER_PROB, sc.GRAY_PROB, sc.FLIP_PROB, sc.RATIO
-    sc.JITTER_PROB, sc.GRAY_PROB, sc.FLIP_PROB, sc.RATIO = 0.0, 0.0, 0.0, (1.0, 1.0)
-    try:
-        view = sc.batch_view(images, [spec], torch.Generator().manual_seed(0))
-    finally:
-        sc.JITTER_PROB, sc.GRAY_PROB, sc.FLIP_PROB, sc.RATIO = old
+    monkeypatch.setattr(sc, "RATIO", (1.0, 1.0))
+    view = sc.crops_of_one_size(images, [spec], torch.Generator().manual_seed(0))
     torch.testing.assert_close(view, images.float() / 255, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("changed", [0, 1])
 def test_views_drawn_in_one_call_keep_their_own_blur_and_solarisation_probabilities(changed, monkeypatch):
-    """batch_views draws views of one size (here two global crops) in one call: the view with probability 0 of
+    """multi_crop draws views of one size (here two global crops) in one call: the view with probability 0 of
     blur and solarisation stays the image itself, the one with probability 1 is changed in every image."""
-    for name, value in (("JITTER_PROB", 0.0), ("GRAY_PROB", 0.0), ("FLIP_PROB", 0.0), ("RATIO", (1.0, 1.0))):
-        monkeypatch.setattr(sc, name, value)
-    specs = [sc.ViewSpec(32, (1.0, 1.0), 0.0, 0.0), sc.ViewSpec(32, (1.0, 1.0), 1.0, 1.0)][::1 if changed else -1]
+    monkeypatch.setattr(sc, "RATIO", (1.0, 1.0))
+    specs = [sc.ViewSpec(32, (1.0, 1.0), 0.0, 0.0, **NO_COLOUR),
+             sc.ViewSpec(32, (1.0, 1.0), 1.0, 1.0, **NO_COLOUR)][::1 if changed else -1]
     images = sc.make_synthetic(False).images[:16]
-    views = sc.batch_views(images, specs, seed=0)
+    views = sc.multi_crop(images, specs, seed=0)
     torch.testing.assert_close(views[1 - changed], images.float() / 255, atol=1e-5, rtol=0)
     assert ((views[changed] - images.float() / 255).abs().amax((1, 2, 3)) > 0.1).all()
 
@@ -310,7 +309,7 @@ def test_per_image_and_batch_augmentation_agree_in_distribution():
     """Two implementations of one recipe: mean and spread of the pixels of many views agree."""
     specs = sc.view_specs(sc.parse_config([]))[:2]
     images = sc.make_synthetic(False).images[:256]
-    batch = sc.batch_views(images, specs, seed=0)[1]
+    batch = sc.multi_crop(images, specs, seed=0)[1]
     per_image = sc.PerImageViews(sc.ImageArray(images, torch.zeros(256, dtype=torch.long), ["x"]), specs)
     rng_state = torch.get_rng_state()
     singles = torch.stack([per_image[(i, i)][0][1] for i in range(256)])
@@ -323,12 +322,13 @@ def test_per_image_and_batch_augmentation_agree_in_distribution():
 def test_each_colour_jitter_is_applied_with_its_own_factor_per_image(op, monkeypatch):
     """Only `op` enabled, always applied, identity crop: every image changes, each by its own factor, and the
     quantity the op must preserve is preserved (values kept in [0.35, 0.65] so that nothing clamps)."""
-    monkeypatch.setattr(sc, "JITTER", {name: (s if name == op else 0.0) for name, s in sc.JITTER.items()})
-    for name, value in (("JITTER_PROB", 1.0), ("GRAY_PROB", 0.0), ("FLIP_PROB", 0.0), ("RATIO", (1.0, 1.0))):
-        monkeypatch.setattr(sc, name, value)
+    ops = ("brightness", "contrast", "saturation", "hue")
+    jitter = tuple(s if name == op else 0.0 for name, s in zip(ops, sc.ViewSpec(32, (1.0, 1.0), 0.0, 0.0).jitter))
+    monkeypatch.setattr(sc, "RATIO", (1.0, 1.0))
     images = (90 + 76 * torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))).to(torch.uint8)
     x = images.float() / 255
-    view = sc.batch_view(images, [sc.ViewSpec(32, (1.0, 1.0), 0.0, 0.0)], torch.Generator().manual_seed(0))
+    spec = sc.ViewSpec(32, (1.0, 1.0), 0.0, 0.0, jitter=jitter, jitter_prob=1.0, gray_prob=0.0, flip_prob=0.0)
+    view = sc.crops_of_one_size(images, [spec], torch.Generator().manual_seed(0))
     assert ((view - x).abs().amax((1, 2, 3)) > 1e-3).sum() >= 15
     if op == "brightness":  # x * f: one ratio per image, different between images
         ratio = view / x
@@ -622,12 +622,12 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu():
     assert queue.is_full()  # read once; known from then on
     images, labels = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2, -1, -1])
     with HostWaits() as step:
-        views = sc.batch_views(images, sc.view_specs(cfg), seed=0)
+        views = sc.multi_crop(images, sc.view_specs(cfg), seed=0)
         loss, logits, agree = sc.train_step(model, model, optimizer, scaler, views, labels, torch.arange(8), queue, cfg, None)
         monitor.update([[s.detach() for s in head] for head in logits])
     assert step.seen == [], step.seen
     assert agree[1] == 6 and 0 <= agree[0] <= 6  # (same label as the neighbour, labelled images)
-    for head, c in enumerate(cfg.num_classes):  # the monitor counts view 2: view 1's logits are the neighbours'
+    for head, c in enumerate(cfg.num_classes):  # the monitor counts views[1]: views[0]'s logits are the neighbours'
         assert torch.equal(monitor.counts[head], torch.bincount(logits[head][1].argmax(1), minlength=c))
         assert not torch.equal(monitor.counts[head], torch.bincount(logits[head][0].argmax(1), minlength=c))
 
@@ -653,10 +653,10 @@ def test_a_training_step_launches_few_operations():
     images, labels = sc.make_synthetic(False).images[:16], torch.zeros(16, dtype=torch.long)
     model = sc.build_model(cfg)
     optimizer, scaler = sc.build_optimizer(model, cfg), torch.amp.GradScaler("cpu", enabled=False)
-    views = sc.batch_views(images, sc.view_specs(cfg), seed=0)
+    views = sc.multi_crop(images, sc.view_specs(cfg), seed=0)
     sc.train_step(model, model, optimizer, scaler, views, labels, torch.arange(16), None, cfg, None)  # momentum buffers
     with OpCount() as ops:
-        views = sc.batch_views(images, sc.view_specs(cfg), seed=1)
+        views = sc.multi_crop(images, sc.view_specs(cfg), seed=1)
         sc.train_step(model, model, optimizer, scaler, views, labels, torch.arange(16), None, cfg, None)
     assert ops.count < 2500, ops.count
 
@@ -766,11 +766,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, monkeypatch):
     real_step, calls = sc.train_step, []
 
-    def interrupting(*args):
+    def interrupting(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT arriving in the middle of step 5
-        return real_step(*args)
+        return real_step(*args, **kwargs)
 
     monkeypatch.setattr(sc, "train_step", interrupting)
     with pytest.raises(SystemExit) as exit_info:
@@ -779,7 +779,7 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, monkeypatch):
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
-    def out_of_memory(*args):
+    def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(sc, "train_step", out_of_memory)
@@ -909,10 +909,10 @@ def ddp_steps(rank, world, init_file, out_dir, mutants):
                 def gather_keeping_only_local_grad(x):
                     parts = list(sc.gather(x.detach()).chunk(world))
                     parts[rank] = x
-                    return torch.cat(parts)
+                    return torch.cat(parts), slice(rank * len(x), (rank + 1) * len(x))
                 sc.gather_with_grad = gather_keeping_only_local_grad
             elif mutant == "local_batch_normalisation":
-                sc.gather_with_grad, sc.rank = (lambda x: x), (lambda: 0)
+                sc.gather_with_grad, sc.rank = sc.no_gather, (lambda: 0)
             elif mutant == "wrong_target_rows":  # every rank keeps rank 0's rows of the global target
                 sc.rank = lambda: 0
             result = one_ddp_step(rank, world)
