@@ -1207,10 +1207,12 @@ class Training:
             self.log_file = open(self.out_dir / "log.jsonl", "a") if self.is_main else None
         except OSError as error:
             raise UserError(f"cannot write to --out-dir {self.out_dir}: {error.strerror}") from None
+        state, path, own = self.find_checkpoint()  # refused before the data is loaded when it is another run's
         self.build_data()
         self.build_model()
         self.step, self.schedule, self.costs, self.overhead, self.pending_losses = 0, None, {}, 0.0, []
-        self.resume()
+        if state:
+            self.resume(state, path, own)
         if self.schedule is None and not cfg.minutes:
             self.schedule = dict(total_steps=cfg.epochs * self.steps_per_epoch, **self.default_cadences())
         self.first_step = self.saved_step = self.step
@@ -1261,13 +1263,14 @@ class Training:
         if world_size() > 1:
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def resume(self):
-        """Continue this run from OUT_DIR/ckpt.pt, or start from --resume; refuse a checkpoint of another run."""
+    def find_checkpoint(self):
+        """-> (state, path, own): this run's OUT_DIR/ckpt.pt (own), else --resume FILE, else (None, None, False).
+        A checkpoint of another model, or in OUT_DIR of another run (data, batch, schedule), is refused in one line."""
         cfg = self.cfg
         own = self.ckpt_path.exists()
         path = self.ckpt_path if own else Path(cfg.resume) if cfg.resume else None
         if path is None:
-            return
+            return None, None, False
         state = load_checkpoint(path)
         saved, defaults = state["config"], dataclasses.asdict(Config())
         keys = MODEL_KEYS + (RUN_KEYS if own else ())  # --resume FILE: a new run from another's weights
@@ -1276,6 +1279,10 @@ class Training:
             raise UserError(f"checkpoint {path} was trained with " + ", ".join(f"{k}={saved.get(k, defaults[k])}" for k in changed)
                             + "; this run asks for " + ", ".join(f"{k}={getattr(cfg, k)}" for k in changed)
                             + " (use another --out-dir or the same settings)")
+        return state, path, own
+
+    def resume(self, state, path, own):
+        """Continue from a checkpoint: the model always; optimizer, scaler, queue and step unless it is the authors'."""
         self.raw_model.load_state_dict(strip_prefixes(state["model"]))
         if state.get("source") == "authors":
             self.log(dict(event="init", source=str(path)), f"initialised the model from the authors' checkpoint "
@@ -1421,9 +1428,10 @@ class Training:
                 self.overhead += self.costs[what]
 
     def pace(self, warmup_steps):
-        """--minutes: time the steps after the first PACE_WARMUP_STEPS, then plan the budget within the warmup, whose
-        length does not depend on the schedule's (so every step follows the planned schedule), after at least 10
-        timed steps and 2 % of the budget (or just before the provisional schedule's last step)."""
+        """--minutes: time the steps after the first PACE_WARMUP_STEPS, then plan the budget after at least 10 timed
+        steps and 2 % of the budget, and before the warmup ends (or the provisional schedule's last step). The warmup's
+        length does not depend on the schedule's, so every step follows the planned schedule, unless the warmup is
+        shorter than PACE_WARMUP_STEPS + 10 steps: then the steps before the plan followed the cosine of --epochs."""
         steps_run = self.step - self.first_step
         if steps_run == PACE_WARMUP_STEPS:
             self.pace_start = (time.time(), self.overhead, self.step)
@@ -1457,11 +1465,12 @@ class Training:
         total = self.step + max(1, int((remaining - final) / per_step))
         self.schedule = broadcast_from_main(dict(total_steps=total, **every))  # every rank follows rank 0's plan
         record = dict(event="budget", minutes=cfg.minutes, images_per_s=self.global_batch / step_time, epochs=total / spe,
-                      seconds_per_step=step_time, costs=costs, planned_at_step=self.step, **self.schedule)
+                      seconds_per_step=step_time, costs=costs, planned_at_step=self.step, elapsed=time.time() - self.started,
+                      **self.schedule)
+        when = {key: f"every {e} epoch(s)" if e else "never" for key, e in every.items()}
         self.log(record, f"budget {cfg.minutes:g} min: {record['images_per_s']:,.0f} img/s measured, {total / spe:.1f} epochs "
-                 f"({total:,} steps); test-split monitor every {every['eval_every']} epoch(s) ({costs['heads']:.1f} s each), "
-                 f"kNN every {every['knn_every']} ({costs['knn']:.1f} s), checkpoint {costs['checkpoint']:.2f} s per epoch "
-                 "(0 = never)")
+                 f"({total:,} steps); test-split monitor {when['eval_every']} ({costs['heads']:.1f} s each), kNN "
+                 f"{when['knn_every']} ({costs['knn']:.1f} s each), a checkpoint per epoch ({costs['checkpoint']:.2f} s)")
         if total <= warmup_steps:
             warnings.warn(f"the budget allows {total} steps, no more than the {warmup_steps} warmup steps: the cosine never "
                           f"starts; lower --warmup-epochs or raise --minutes")

@@ -231,6 +231,14 @@ def test_views_drawn_in_one_call_keep_their_own_blur_and_solarisation_probabilit
     assert ((views[changed] - images.float() / 255).abs().amax((1, 2, 3)) > 0.1).all()
 
 
+def test_batched_augmentation_refuses_a_float_batch_in_one_line():
+    """Float images in [0, 1] read as uint8 levels would come out nearly black: refused, saying what to pass."""
+    images = torch.rand(4, 3, 32, 32)
+    with pytest.raises(TypeError, match="uint8") as refused:
+        sc.multi_crop(images, sc.view_specs(sc.parse_config([])), seed=0)
+    assert "\n" not in str(refused.value) and "torch.float32" in str(refused.value)
+
+
 def test_batched_crop_is_torchvisions_antialiased_resized_crop_per_image():
     """Shrinking (96 -> 32 px) and enlarging (-> 160 px) crops, mirrored or not: every image of the batch equals
     torchvision's uint8 resized_crop with antialiasing (what the per-image path and the authors' PIL compute) to
@@ -516,6 +524,39 @@ def test_lars_reproduces_apex_larc_without_clipping():
     assert torch.equal(params[0].grad, grads[-1][0])  # the optimizer does not modify .grad
 
 
+def test_lars_step_takes_a_closure_and_returns_its_loss():
+    """torch.optim.Optimizer's contract (Lightning and LBFGS-style callers pass step(closure)): the closure runs with
+    gradients enabled, its loss comes back, and the update is the one of step() after a manual backward."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    reference = w.detach().clone().requires_grad_()
+    optimizer, manual = sc.LARS([w], lr=0.5), sc.LARS([reference], lr=0.5)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert optimizer.step(closure).item() == 5.0
+    (reference ** 2).sum().backward()
+    assert manual.step() is None
+    assert torch.equal(w.detach(), reference.detach()) and not torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
+
+
+def test_lars_clip_caps_the_relative_step_at_the_trust_coefficient():
+    """--lars-clip (apex clip=True, solo-learn): local_lr = min(trust * |w| / |g| / lr, 1), so a parameter moves
+    by at most trust * |w| whatever the lr (no momentum yet in the first step)."""
+    def step_norm(lr, clip):  # |w| = 4, |g| = 1
+        w = torch.nn.Parameter(torch.full((4,), 2.0))
+        w.grad = torch.full((4,), 0.5)
+        sc.LARS([w], lr=lr, trust_coefficient=0.02, clip=clip).step()
+        return (torch.full((4,), 2.0) - w.detach()).norm().item()
+
+    for lr in (0.01, 0.1, 10.0):
+        assert step_norm(lr, clip=True) == pytest.approx(min(0.02 * 4, lr * 1), rel=1e-3)  # at most trust * |w|
+        assert step_norm(lr, clip=False) == pytest.approx(lr * 0.02 * 4, rel=1e-3)  # apex's default: lr x trust x |w|
+
+
 def test_lars_exclude_1d_gives_biases_and_norms_plain_sgd_without_decay():
     model = sc.build_model(sc.parse_config(["--hidden-dim", "16", "--lars-exclude-1d", "--weight-decay", "0.1"]))
     opt = sc.build_optimizer(model, sc.parse_config(["--lars-exclude-1d", "--weight-decay", "0.1"]))
@@ -729,6 +770,74 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         sc.train(tiny(tmp_path, "--max-steps", "2", "--num-classes", "10"))
     with pytest.raises(sc.UserError, match="arch=resnet18.*arch=resnet34"):
         sc.train(tiny(tmp_path, "--max-steps", "2", "--arch", "resnet34"))
+
+
+def test_resume_refuses_the_checkpoint_of_another_run(tmp_path):
+    """OUT_DIR/ckpt.pt of another dataset, or of another schedule, is refused in one line naming the differences,
+    before the data is loaded; --max-steps may differ (it stops a run, it does not define it)."""
+    write_folder(tmp_path / "images", per_class=40)
+    sc.train(tiny(tmp_path / "run", "--max-steps", "1", "--dataset", "imagefolder", "--data", str(tmp_path / "images")))
+    with pytest.raises(sc.UserError, match="dataset=imagefolder.*dataset=synthetic"):
+        sc.train(tiny(tmp_path / "run", "--max-steps", "2"))
+    with pytest.raises(sc.UserError, match="trained with lr=0.5; this run asks for lr=0.7 ") as refused:
+        sc.train(tiny(tmp_path / "run", "--max-steps", "2", "--dataset", "imagefolder", "--lr", "0.7",
+                      "--data", str(tmp_path / "images" / "train" / "..")))  # the same folder, another spelling: same data
+    assert "data=" not in str(refused.value) and "\n" not in str(refused.value)
+    sc.train(tiny(tmp_path / "run", "--max-steps", "2", "--dataset", "imagefolder", "--data", str(tmp_path / "images")))
+    assert sc.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
+
+
+def test_default_out_dir_differs_per_dataset():
+    """Runs on different data never share a checkpoint by default (CIFAR-10 then CIFAR-100 once resumed the other's)."""
+    out = {args[1]: sc.parse_config(args).out_dir for args in (["--dataset", "cifar10"], ["--dataset", "cifar100"],
+                                                               ["--dataset", "synthetic"])}
+    assert out == {"cifar10": "out/cifar10", "cifar100": "out/cifar100", "synthetic": "out/synthetic"}
+    assert sc.parse_config(["--dataset", "imagefolder", "--data", "/somewhere/photos"]).out_dir == "out/photos"
+    assert sc.parse_config(["--out-dir", "mine"]).out_dir == "mine"
+
+
+BUDGET = TINY + ["--epochs", "28", "--warmup-epochs", "0.2", "--knn-every", "-1", "--eval-every", "-1"]
+
+
+def budget_run_records(out_dir):
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["event"] == "budget"], [r for r in records if r["event"] == "train"]
+
+
+def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_completed(tmp_path):
+    """--minutes 0.3 (18 s): the schedule's length comes from the measured pace, and the run (steps, checkpoints, the
+    monitors and the final ones) ends inside the budget having used most of it (measured: 17.0 s of 18 on 2 CPU
+    cores), its last step at the end of the cosine, not of the provisional 28 epochs (868 steps)."""
+    started = time.time()
+    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.3", "--out-dir", str(tmp_path)]), started)
+    elapsed = time.time() - started
+    (budget,), train_lines = budget_run_records(tmp_path)
+    assert 0.6 * 18 < elapsed < 18, elapsed
+    total = budget["total_steps"]
+    assert 15 < total < 868 and train_lines[-1]["step"] == total and budget["eval_every"] >= 1 and budget["knn_every"] >= 1
+    assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(total - 1, total, 6, 0.5, 0.2, 0.002))
+    assert train_lines[-1]["lr"] < 0.01  # the cosine's end (final lr 0.002), not the middle of a provisional schedule
+    assert sc.load_checkpoint(tmp_path / "ckpt.pt")["schedule"]["total_steps"] == total
+
+
+def test_a_resumed_budgeted_run_keeps_its_schedule(tmp_path):
+    """Stopped after the plan, a budgeted run started again continues the planned schedule (not a new plan, whose
+    pace and remaining time would differ) and ends it."""
+    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.3", "--max-steps", "17", "--out-dir", str(tmp_path)]))
+    (budget,), _ = budget_run_records(tmp_path)  # planned after step 15
+    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.3", "--out-dir", str(tmp_path)]))
+    budgets, train_lines = budget_run_records(tmp_path)
+    assert len(budgets) == 1 and train_lines[-1]["step"] == budget["total_steps"] > 17
+    assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(budget["total_steps"] - 1, budget["total_steps"], 6, 0.5, 0.2, 0.002))
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_precision_auto_is_bf16_only_where_the_gpu_computes_it(capability, expected, monkeypatch):
+    """--precision auto: bf16 on Ampere and later, fp16 (with the gradient scaler) on a V100 or T4, fp32 on the CPU."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert sc.autocast_dtype("auto", torch.device("cuda", 0)) == expected
+    assert sc.autocast_dtype("auto", torch.device("cpu")) is None and sc.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 @pytest.mark.parametrize("content, message", [(b"", "cannot read"), (None, "cannot read"), (b"{}", "cannot read")])
@@ -994,6 +1103,27 @@ def test_batchnorm_pools_the_batches_of_its_group_of_ranks(tmp_path):
         torch.testing.assert_close(saved["outputs"][2], pooled[6 * r:6 * (r + 1)])
         torch.testing.assert_close(saved["outputs"][1], torch.nn.BatchNorm1d(3)(saved["x"]).detach())
         assert "does not divide the 2 ranks" in torch.load(tmp_path / f"bn-error{r}.pt")
+
+
+def loss_with_a_process_group(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        logits = [torch.randn(5, 4, generator=torch.Generator().manual_seed(10 * rank + v)) for v in range(3)]
+        torch.save(dict(logits=logits, loss=sc.self_classifier_loss(logits)), Path(out_dir) / f"loss-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_loss_gathers_only_when_given_a_gather(tmp_path):
+    """A process group exists, but the loss is called with its default gather (the identity), as in a validation on
+    one rank or by a caller who gathered already: each rank gets the loss of its own batch. (The loss once
+    all-gathered whenever a process group existed: on one rank that hangs, on all it mixes the batches.)"""
+    torch.multiprocessing.spawn(loss_with_a_process_group, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2)
+    for r in range(2):
+        saved = torch.load(tmp_path / f"loss-rank{r}.pt")
+        torch.testing.assert_close(saved["loss"].double(), reference_loss(saved["logits"], 0.1, 0.05, 2), rtol=1e-5, atol=0)
 
 
 # =====================================================================================================
