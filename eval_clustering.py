@@ -893,7 +893,8 @@ def evaluate(args):
     print(f"{source} on {cfg.dataset} evaluation split ({len(labels)} images, {num_true} classes)")
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(source=source, dataset=cfg.dataset, scores=rows), indent=2))
+        Path(args.json).write_text(json.dumps(dict(source=source, dataset=cfg.dataset, images=len(labels),
+                                                   num_classes=num_true, scores=rows), indent=2))
     if args.grid_dir and cfg.num_classes:
         head = min(range(len(cfg.num_classes)), key=lambda h: abs(cfg.num_classes[h] - num_true))
         save_grids(args.grid_dir, eval_set, size, labels, ev["predictions"][head].numpy(), class_names)

@@ -687,8 +687,8 @@ def multi_crop(images, specs, seed):
 class ImageArray(torch.utils.data.Dataset):
     """Images held in memory as one uint8 tensor [N, 3, H, W] with integer labels [N] (-1 = unlabelled)."""
 
-    def __init__(self, images, labels, classes):
-        self.images, self.labels, self.classes = images, labels, list(classes)
+    def __init__(self, images, labels, classes, paths=None):
+        self.images, self.labels, self.classes, self.paths = images, labels, list(classes), paths  # paths: of files
         self.targets = labels.tolist()
 
     def __len__(self):
@@ -740,52 +740,112 @@ def read_image(path):
         return None
 
 
-class StackDecoded:
-    """collate_fn of the in-memory decoding: a batch of (uint8 image or None, label) -> (images [b, 3, H, W] of the
-    expected shape stacked into one tensor, labels [b], number dropped). One tensor per batch: workers that hand
-    back thousands of small tensors run out of file descriptors ("received 0 items of ancdata")."""
+class ImageFiles(torch.utils.data.Dataset):
+    """Every image file under root, at any depth, sorted by path, unlabelled (label -1): a folder of one's own photos.
+    The interface of torchvision's ImageFolder (samples, targets, classes, loader, transform)."""
 
-    def __init__(self, shape):
-        self.shape = shape
+    def __init__(self, root, loader=read_image):
+        extensions = torchvision.datasets.folder.IMG_EXTENSIONS
+        self.samples = [(str(p), -1) for p in sorted(Path(root).rglob("*")) if p.suffix.lower() in extensions and p.is_file()]
+        self.targets, self.classes, self.loader, self.transform = [-1] * len(self.samples), [], loader, None
 
-    def __call__(self, batch):
-        good = [(image, label) for image, label in batch if image is not None and tuple(image.shape) == self.shape]
-        images = torch.stack([image for image, _ in good]) if good else torch.zeros(0, *self.shape, dtype=torch.uint8)
-        return images, torch.tensor([label for _, label in good], dtype=torch.long), len(batch) - len(good)
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        image = self.loader(self.samples[index][0])
+        return image if self.transform is None or image is None else self.transform(image), self.targets[index]
 
 
-def load_image_folder(root, in_memory_max_size, workers):
-    """torchvision ImageFolder; decoded once into an ImageArray when its images are small (CIFAR-sized)."""
+class Indexed(torch.utils.data.Dataset):
+    """dataset[i] -> (transform(image) or None for an unreadable file, label, i, whether it was resized): with a
+    shape (height, width), an image of another size is resized (shorter side) and centre-cropped to it."""
+
+    def __init__(self, dataset, transform=v2.PILToTensor(), shape=None):
+        self.dataset, self.transform, self.shape = dataset, transform, shape
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        if image is None:
+            return None, label, index, False
+        image = self.transform(image)
+        resized = self.shape is not None and tuple(image.shape[-2:]) != self.shape
+        if resized:
+            image = v2.functional.center_crop(v2.functional.resize(image, min(self.shape), antialias=True), self.shape)
+        return image, label, index, resized
+
+
+def stack_readable(batch):
+    """collate_fn: a batch of Indexed items -> (the readable images stacked [b, 3, H, W], labels [b], indices [b],
+    number resized). One tensor per batch: workers that hand back thousands of small tensors run out of file
+    descriptors ("received 0 items of ancdata")."""
+    good = [item for item in batch if item[0] is not None]
+    images = torch.stack([item[0] for item in good]) if good else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    return (images, torch.tensor([item[1] for item in good], dtype=torch.long),
+            torch.tensor([item[2] for item in good], dtype=torch.long), sum(item[3] for item in good))
+
+
+def image_sizes(folder, samples=256):
+    """(width, height) of up to `samples` files spread over the folder, from their headers (no decoding)."""
+    from PIL import Image
+    sizes = []
+    for path, _ in folder.samples[::max(1, len(folder.samples) // samples)]:
+        try:
+            with Image.open(path) as image:
+                sizes.append(image.size)
+        except OSError:
+            pass
+    return sizes
+
+
+def load_image_folder(root, in_memory_max_size, workers, labelled=True):
+    """torchvision's ImageFolder (labelled: root/<class>/*) or ImageFiles (any depth, unlabelled); decoded once into an
+    ImageArray when its images are small (CIFAR-sized), all at the size most of them have: images of another size are
+    resized (shorter side) and centre-cropped to it, and unreadable files skipped, each counted in one warning."""
+    if not Path(root).is_dir():
+        raise UserError(f"cannot read image folder {root}: it does not exist")
     try:
-        folder = torchvision.datasets.ImageFolder(root, loader=read_image)
+        folder = torchvision.datasets.ImageFolder(root, loader=read_image) if labelled else ImageFiles(root)
     except (FileNotFoundError, OSError) as error:
         raise UserError(f"cannot read image folder {root}: {str(error).splitlines()[0]}") from None
-    if len(folder.classes) < 2:
+    if labelled and len(folder.classes) < 2:
         raise UserError(f"image folder {root} has {len(folder.classes)} class folder(s); it needs at least 2 (DIR/<class>/*.jpg)")
-    first = next((image for image in map(read_image, (p for p, _ in folder.samples)) if image is not None), None)
-    if first is None:
+    if not folder.samples:
+        raise UserError(f"cannot read image folder {root}: no image files in it at any depth")
+    sizes = image_sizes(folder)
+    if not sizes:
         raise UserError(f"no readable image in {root}")
-    if max(first.size) > in_memory_max_size:
+    if max(max(size) for size in sizes) > in_memory_max_size:
         return folder
-    folder.transform = v2.PILToTensor()
-    shape = (3, first.size[1], first.size[0])
-    images, labels = torch.empty(len(folder), *shape, dtype=torch.uint8), torch.empty(len(folder), dtype=torch.long)
-    loader = torch.utils.data.DataLoader(folder, batch_size=256, num_workers=workers, collate_fn=StackDecoded(shape))
-    kept, dropped, progress = 0, 0, Progress(f"decoding {root}", len(folder), "images")
-    for batch_images, batch_labels, batch_dropped in loader:
+    width, height = max(set(sizes), key=sizes.count)  # the size most images have
+    images, labels = torch.empty(len(folder), 3, height, width, dtype=torch.uint8), torch.empty(len(folder), dtype=torch.long)
+    loader = torch.utils.data.DataLoader(Indexed(folder, shape=(height, width)), batch_size=256, num_workers=workers,
+                                         collate_fn=stack_readable)
+    kept, resized, paths, progress = 0, 0, [], Progress(f"decoding {root}", len(folder), "images")
+    for batch, (batch_images, batch_labels, indices, batch_resized) in enumerate(loader):
         images[kept:kept + len(batch_images)], labels[kept:kept + len(batch_labels)] = batch_images, batch_labels
-        kept, dropped = kept + len(batch_images), dropped + batch_dropped
-        progress(kept + dropped)
-    if dropped:
-        warnings.warn(f"{root}: skipped {dropped} unreadable image(s) or image(s) of another size than {tuple(first.size)}")
-    return ImageArray(images[:kept], labels[:kept], folder.classes)
+        kept, resized = kept + len(batch_images), resized + batch_resized
+        paths += [folder.samples[i][0] for i in indices.tolist()]
+        progress(min(len(folder), 256 * (batch + 1)))
+    if kept < len(folder):
+        warnings.warn(f"{root}: skipped {len(folder) - kept} unreadable image(s) of {len(folder)}")
+    if resized:
+        warnings.warn(f"{root}: {resized} image(s) not of the most common size {width}x{height} were resized (shorter "
+                      f"side) and centre-cropped to it")
+    return ImageArray(images[:kept], labels[:kept], folder.classes, paths)
 
 
 def load_split(cfg, train):
-    """The training split (train=True) or the evaluation split of cfg.dataset."""
+    """The training split (train=True) or the evaluation split of cfg.dataset; an image folder without train/ is
+    unlabelled: all its images at any depth train, and it has no evaluation split (None)."""
     root = Path(cfg.data)
     if cfg.dataset == "synthetic":
         return make_synthetic(train)
+    if cfg.dataset == "imagefolder" and not (root / "train").is_dir():  # one's own images: no labels, no split
+        return load_image_folder(root, cfg.in_memory_max_size, cfg.workers, labelled=False) if train else None
     if cfg.dataset == "imagefolder":
         split = root / "train" if train else next((root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
         return load_image_folder(split, cfg.in_memory_max_size, cfg.workers)
@@ -1030,47 +1090,51 @@ def eval_transform(size):
 
 
 def eval_batches(dataset, size, batch_size, workers):
-    """Yield (float images [B, 3, size, size] in [0, 1], labels) over a split in order."""
+    """Yield (float images [B, 3, size, size] in [0, 1], labels [B], dataset indices [B]) over a split in order;
+    unreadable files are left out."""
     if isinstance(dataset, ImageArray):
         for start in range(0, len(dataset), batch_size):
             images = dataset.images[start:start + batch_size].float() / 255
             if images.shape[-1] != size:
                 images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            yield images, dataset.labels[start:start + batch_size]
+            yield images, dataset.labels[start:start + batch_size], torch.arange(start, start + len(images))
         return
-    views = PerImageViews(dataset, [])
-    views.transforms = [eval_transform(size)]
-    loader = torch.utils.data.DataLoader(views, batch_size=batch_size, num_workers=workers,
-                                         sampler=[(i, 0) for i in range(len(dataset))])
-    for (images,), labels, _ in loader:
-        yield images, labels
+    loader = torch.utils.data.DataLoader(Indexed(dataset, eval_transform(size)), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=stack_readable)
+    for images, labels, indices, _ in loader:
+        if len(images):
+            yield images, labels, indices
 
 
 @torch.no_grad()
-def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features", dtype=None):
-    """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], predicted class
-    per head (list of [N]) and labels [N], all on the CPU. The backbone runs in float32 as in the authors'
-    evaluation, or under autocast to dtype (e.g. torch.bfloat16: faster on a GPU, slightly different features);
-    the projection and the heads always in float32 (see SelfClassifier.embed / classify)."""
+def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features", dtype=None, row_tau=0.1):
+    """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], per head (lists of [N])
+    the predicted class and its probability (the row softmax at row_tau, as in the loss), labels [N] and the
+    dataset index of each row [N] (unreadable files have none), all on the CPU. The backbone runs in float32 as in
+    the authors' evaluation, or under autocast to dtype (e.g. torch.bfloat16: faster on a GPU, slightly different
+    features); the projection and the heads always in float32 (see SelfClassifier.embed / classify)."""
     was_training = model.training
     model.eval()
-    out = dict(backbone=[], embedding=[], predictions=[[] for _ in model.heads], labels=[])
+    out = dict(backbone=[], embedding=[], predictions=[[] for _ in model.heads], probabilities=[[] for _ in model.heads],
+               labels=[], index=[])
     amp = torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    progress, done = Progress(f"extracting {what}", len(dataset), "images"), 0
-    for images, labels in eval_batches(dataset, size, batch_size, workers):
+    progress = Progress(f"extracting {what}", len(dataset), "images")
+    for images, labels, indices in eval_batches(dataset, size, batch_size, workers):
         with amp:
             features = model.features(images.to(device, non_blocking=True))
         z = model.embed(features)
         out["backbone"].append(features.float().cpu())
         out["embedding"].append(z.cpu())
-        for head, s in enumerate(model.classify(z)):
-            out["predictions"][head].append(s.argmax(1).cpu())
+        for head, logits in enumerate(model.classify(z)):
+            probability, predicted = F.softmax(logits / row_tau, dim=1).max(1)
+            out["predictions"][head].append(predicted.cpu())
+            out["probabilities"][head].append(probability.cpu())
         out["labels"].append(torch.as_tensor(labels).cpu())
-        done += len(images)
-        progress(done)
+        out["index"].append(indices)
+        progress(int(indices[-1]) + 1)
     model.train(was_training)
-    return dict(backbone=torch.cat(out["backbone"]), embedding=torch.cat(out["embedding"]),
-                predictions=[torch.cat(p) for p in out["predictions"]], labels=torch.cat(out["labels"]))
+    return {key: [torch.cat(p) for p in value] if key in ("predictions", "probabilities") else torch.cat(value)
+            for key, value in out.items()}
 
 
 # =====================================================================================================
@@ -1237,8 +1301,11 @@ class Training:
         if self.global_batch < min(cfg.num_classes):  # over-clustering heads may exceed it: the paper's 8000 with 4096
             warnings.warn(f"global batch {self.global_batch} < smallest head C={min(cfg.num_classes)}: the uniform prior "
                           f"asks every class to be used by N/C samples of a batch, which needs many samples per class")
-        self.eval_labelled = all(label >= 0 for label in self.eval_set.targets)
+        self.eval_labelled = self.eval_set is not None and all(label >= 0 for label in self.eval_set.targets)
         self.labelled_train = sum(label >= 0 for label in getattr(self.train_set, "targets", []))
+        if not self.eval_labelled and cfg.eval_every + cfg.knn_every != 0:
+            self.log(dict(event="no_monitors"), f"no labelled evaluation split in {cfg.data}: the test-split NMI/ACC and "
+                     "kNN monitors are skipped (the loss and collapse monitors stay; labels are never needed to train)")
 
     def build_model(self):
         cfg, device = self.cfg, self.device
