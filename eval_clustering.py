@@ -722,10 +722,19 @@ def parse_args(argv=None):
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.add_argument("--plot-log", nargs=2, metavar=("LOG", "PNG"), help="instead of scoring: draw a training run's "
                    "log.jsonl (loss, collapse monitors, test ACC / NMI and kNN per epoch) into a PNG")
-    p.add_argument("--grid-dir", help="save a PNG grid of random evaluation images for each best-matched predicted class")
+    p.add_argument("--grid-dir", help="save a PNG grid of random evaluation images for each best-matched predicted class "
+                   "(with --predict: of each predicted class of every head, largest classes first)")
+    p.add_argument("--predict", metavar="DIR", help="instead of scoring: classify every image under DIR (any depth, no "
+                   "labels needed) with --checkpoint's heads and write the classes to --out")
+    p.add_argument("--out", default="predictions.csv", help="with --predict: the CSV written (relative path, then per "
+                   "head the predicted class and its probability)")
     args = p.parse_args(argv)
     if args.plot_log:
         return args
+    if args.predict and not args.checkpoint:
+        p.error("--predict classifies with a trained model: it needs --checkpoint")
+    if args.predict and not Path(args.out).resolve().parent.is_dir():
+        p.error(f"--out {args.out}: the folder {Path(args.out).resolve().parent} does not exist")
     if not args.checkpoint and not args.arch:
         p.error("give --checkpoint, or --arch (with --dataset) for baselines without a checkpoint (or --plot-log)")
     if not args.checkpoint and not args.dataset:
@@ -811,24 +820,71 @@ def format_table(rows):
 def save_grids(grid_dir, dataset, size, labels, predictions, class_names, per_class=16, seed=0):
     """One PNG per matched predicted class: random evaluation images the head put into it."""
     import torchvision
-    import selfclassifier as sc
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     _, cluster_to_class = hungarian_accuracy(contingency_matrix(labels, predictions))
     classes, clusters = np.unique(labels), np.unique(predictions)  # the matching's positions -> labels
     rng = np.random.default_rng(seed)
-    transform = sc.eval_transform(size)
     for position, class_index in sorted(cluster_to_class.items(), key=lambda kv: kv[1]):
         cluster = clusters[position]
         members = np.flatnonzero(predictions == cluster)
         chosen = rng.choice(members, size=min(per_class, len(members)), replace=False)
-        if isinstance(dataset, sc.ImageArray):
-            images = dataset.images[chosen].float() / 255
-        else:
-            images = torch.stack([transform(dataset[int(i)][0]) for i in chosen])
+        images = grid_images(dataset, chosen, size)
         label = classes[class_index]
         name = class_names[label] if label < len(class_names) else str(label)
         torchvision.utils.save_image(images, grid_dir / f"cluster{cluster:04d}_matched-{name}.png", nrow=4, padding=1)
+
+
+def predict(args):
+    """--predict DIR: the predicted class (and its probability, the row softmax at the checkpoint's row_tau) of every
+    readable image under DIR, for every head, as a CSV sorted by path; the class sizes per head; optional grids."""
+    import csv
+    import selfclassifier as sc
+    model, cfg = load_model_and_config(args)
+    root, size = Path(args.predict), args.image_size or cfg.global_size
+    images = sc.load_image_folder(root, cfg.in_memory_max_size, args.workers, labelled=False)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+    out = sc.extract(model.to(args.device), images, size, args.batch_size, args.workers, args.device, "predictions",
+                     dtype, cfg.row_tau)
+    paths = [images.paths[i] if isinstance(images, sc.ImageArray) else images.samples[i][0] for i in out["index"].tolist()]
+    if len(paths) < len(images):
+        print(f"{root}: skipped {len(images) - len(paths)} unreadable image(s) of {len(images)}", file=sys.stderr)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path"] + [f"{kind}_C{c}" for c in cfg.num_classes for kind in ("class", "probability")])
+        for row, path in enumerate(paths):
+            writer.writerow([Path(path).relative_to(root)] + [value for head in range(len(cfg.num_classes)) for value in
+                               (int(out["predictions"][head][row]), f"{float(out['probabilities'][head][row]):.4f}")])
+    print(f"wrote {args.out}: {len(paths)} images of {root}, {len(cfg.num_classes)} head(s)")
+    for c, predicted in zip(cfg.num_classes, out["predictions"]):
+        sizes = np.bincount(predicted.numpy(), minlength=c)
+        print(f"head C={c}: {int((sizes > 0).sum())} of {c} classes used; sizes, largest first: "
+              + " ".join(f"{k}:{sizes[k]}" for k in np.argsort(-sizes, kind="stable") if sizes[k]))
+        if args.grid_dir:
+            save_class_grids(Path(args.grid_dir) / f"C{c}", images, out["index"].numpy(), predicted.numpy(), size)
+    return out, paths
+
+
+def grid_images(dataset, indices, size):
+    """Float images [n, 3, size, size] of dataset rows `indices`, as the evaluation sees them."""
+    import selfclassifier as sc
+    if isinstance(dataset, sc.ImageArray):
+        return dataset.images[indices].float() / 255
+    transform = sc.eval_transform(size)
+    return torch.stack([transform(dataset[int(i)][0]) for i in indices])
+
+
+def save_class_grids(grid_dir, dataset, indices, predictions, size, per_class=16, seed=0):
+    """One PNG per predicted class, named by its rank by size (rank000 = the largest), its id and its size."""
+    import torchvision
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(predictions, return_counts=True)
+    for rank, k in enumerate(np.argsort(-counts, kind="stable")):
+        members = indices[predictions == classes[k]]
+        chosen = np.sort(rng.choice(members, size=min(per_class, len(members)), replace=False))
+        torchvision.utils.save_image(grid_images(dataset, chosen, size), grid_dir / f"rank{rank:03d}_class{classes[k]}_n{counts[k]}.png",
+                                     nrow=4, padding=1)
 
 
 def mean_and_std(runs):
@@ -909,7 +965,7 @@ def main(argv=None):
             plot_training_log(*args.plot_log)
             print(f"wrote {args.plot_log[1]}")
             return None
-        return evaluate(args)
+        return predict(args) if args.predict else evaluate(args)
     except (sc.UserError, ValueError, OSError) as error:  # OSError: e.g. --json or --grid-dir not writable
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)

@@ -1869,3 +1869,68 @@ def test_eval_command_line_refuses_bad_checkpoints_in_one_line(tmp_path, make, m
         ec.main(["--checkpoint", str(path)])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+# =====================================================================================================
+# Your own images: an unlabelled folder trained on, then classified
+# =====================================================================================================
+def write_unlabelled(root, nested):
+    """300 synthetic textures as PNG files, no class folders (flat, or spread over sub-folders at two depths), one
+    unreadable file and one image of another size."""
+    from PIL import Image
+    images = sc.make_synthetic(True).images[:300]
+    for i, image in enumerate(images):
+        folder = root / (["", "x", "x/y"][i % 3] if nested else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    (root / "broken.jpg").write_bytes(b"not an image")
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(root / "wide.png")
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_an_unlabelled_folder_trains_and_every_image_gets_a_class(tmp_path, nested, capsys):
+    """Training on a folder of images without labels or split (the label monitors skipped in one line), then
+    --predict: one CSV row per readable image in path order, classes in range, probabilities in (0, 1], the classes
+    of extract on the same images, grids largest class first; the unreadable file skipped and counted, the image of
+    another size resized into the in-memory array, not dropped."""
+    write_unlabelled(tmp_path / "photos", nested)
+    with pytest.warns(UserWarning) as caught:
+        sc.train(sc.parse_config(TINY + ["--dataset", "imagefolder", "--data", str(tmp_path / "photos"), "--max-steps", "3",
+                                         "--out-dir", str(tmp_path / "run")]))
+    messages = [str(w.message) for w in caught]
+    assert any("skipped 1 unreadable image(s) of 302" in m for m in messages)
+    assert any("1 image(s) not of the most common size 32x32 were resized" in m for m in messages)
+    assert "no labelled evaluation split" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        ec.main(["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--predict", str(tmp_path / "photos"),
+                 "--out", str(tmp_path / "predictions.csv"), "--grid-dir", str(tmp_path / "grids"), "--workers", "0"])
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "head C=10:" in printed and "head C=12:" in printed
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "path,class_C10,probability_C10,class_C12,probability_C12" and len(rows) == 1 + 301
+    paths = [row.split(",")[0] for row in rows[1:]]
+    expected = sorted(str(p.relative_to(tmp_path / "photos")) for p in (tmp_path / "photos").rglob("*.png"))
+    assert paths == sorted(paths, key=lambda p: tmp_path / "photos" / p) and sorted(paths) == sorted(expected)
+    classes = np.array([[int(row.split(",")[1]), int(row.split(",")[3])] for row in rows[1:]])
+    probabilities = np.array([[float(row.split(",")[2]), float(row.split(",")[4])] for row in rows[1:]])
+    assert (classes >= 0).all() and (classes[:, 0] < 10).all() and (classes[:, 1] < 12).all()
+    assert ((probabilities > 0) & (probabilities <= 1)).all() and (probabilities >= 1 / 12 - 1e-4).all()
+    model, cfg = sc.model_from_checkpoint(sc.load_checkpoint(tmp_path / "run" / "ckpt.pt"))
+    images = sc.load_image_folder(tmp_path / "photos", cfg.in_memory_max_size, 0, labelled=False)
+    out = sc.extract(model, images, cfg.global_size, row_tau=cfg.row_tau)
+    assert np.array_equal(classes[:, 0], out["predictions"][0].numpy())
+    assert np.array_equal(classes[:, 1], out["predictions"][1].numpy())
+    for c, head in ((10, 0), (12, 1)):
+        grids = sorted(os.listdir(tmp_path / "grids" / f"C{c}"))
+        sizes = [int(name.rsplit("_n", 1)[1].removesuffix(".png")) for name in grids]
+        assert len(grids) == len(np.unique(classes[:, head])) and sizes == sorted(sizes, reverse=True) and sum(sizes) == 301
+
+
+@pytest.mark.parametrize("make, message", [(lambda root: None, "does not exist"),
+                                           (lambda root: (root / "empty" / "deeper").mkdir(parents=True), "no image files")])
+def test_predict_on_a_missing_or_empty_folder_is_one_line(trained, tmp_path, make, message, capsys):
+    make(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        ec.main(["--checkpoint", str(trained / "ckpt.pt"), "--predict", str(tmp_path / "empty")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
