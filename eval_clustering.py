@@ -211,6 +211,11 @@ def cluster_metrics(y_true, y_pred):
 # =====================================================================================================
 # k-means in torch: greedy k-means++ init, restarts, chunked distances, empty clusters re-seeded.
 # =====================================================================================================
+def input_device(x):
+    """Where a function runs by default: on its input's device (the CPU for a numpy array), never CUDA unasked."""
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
 def squared_distances(x, x_sq, centroids):
     """||x - c||^2 for every row of x and every centroid: [n, k], via ||x||^2 - 2 x.c + ||c||^2 (one addmm: the
     factor -2 goes on the [n, k] product, never on the [n, D] features)."""
@@ -261,12 +266,12 @@ def cluster_sums(x, labels, k):
 def kmeans(x, k, n_init=10, n_iter=300, tol=1e-4, seed=0, device=None, chunk_rows=None):
     """k-means (Lloyd) with greedy k-means++ init; the best of n_init restarts by inertia.
 
-    x: [N, D] array or tensor (use l2-normalised features for the usual baseline). Runs on `device` (default:
-    CUDA when available). Stops a restart when the centres move less than tol x the mean feature variance
+    x: [N, D] array or tensor (use l2-normalised features for the usual baseline). Runs on `device` (default: where
+    x is; the CPU for an array). Stops a restart when the centres move less than tol x the mean feature variance
     (scikit-learn's rule) or the labels stop changing; an emptied cluster is re-seeded with the point farthest
     from its centre. Deterministic for a seed. Returns (labels [N] int64, centroids [k, D]) on the CPU.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or input_device(x)
     x = torch.as_tensor(x, dtype=torch.float32).to(device)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"kmeans needs a non-empty [N, D] array, got shape {tuple(x.shape)}")
@@ -304,13 +309,14 @@ def kmeans(x, k, n_init=10, n_iter=300, tol=1e-4, seed=0, device=None, chunk_row
 
 
 def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds, l2_normalise=True, train_fraction=1.0,
-                    n_init=1, progress=None):
+                    n_init=1, progress=None, device=None):
     """The field's baseline: k-means fitted on features of the training split, each evaluation sample assigned to
     its nearest centroid and scored; one row of metrics per seed.
 
     Ours (the defaults): l2-normalised features of the whole training split. The authors' k-means table:
     raw features (l2_normalise=False) of a 10 % subset (train_fraction=0.1), scikit-learn's 10 restarts
-    (n_init=10). progress(done), when given, is called after each seed."""
+    (n_init=10). progress(done), when given, is called after each seed. k-means runs on `device` (default: where the
+    training features are)."""
     train_features, eval_features = torch.as_tensor(train_features).float(), torch.as_tensor(eval_features).float()
     if l2_normalise:
         train_features = torch.nn.functional.normalize(train_features, dim=1)
@@ -321,7 +327,7 @@ def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds, l2_nor
         if train_fraction < 1:  # a random subset per seed
             subset = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(seed))
             fit_on = train_features[subset[:max(k, round(train_fraction * len(train_features)))]]
-        _, centroids = kmeans(fit_on, k, n_init=n_init, seed=seed)
+        _, centroids = kmeans(fit_on, k, n_init=n_init, seed=seed, device=device or input_device(fit_on))
         pred = assign(eval_features, (eval_features ** 2).sum(1), centroids, 1 << 14)[0]
         runs.append(cluster_metrics(np.asarray(eval_labels), pred.numpy()))
         if progress:
@@ -407,7 +413,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
     if num_classes <= largest:
         raise ValueError(f"num_classes={num_classes} but the labels go up to {largest}")
     chunk_rows = chunk_rows or max(1, (1 << 24) // max(n_train, num_classes))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or input_device(train_features))
 
     # Normalise the training features in blocks straight into one float32 matrix: a single copy, even when the
     # input is a float64 array or already lives on `device`.
@@ -494,7 +500,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
         raise ValueError(f"weight_decays must be a non-empty list of numbers >= 0, got {weight_decays}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or input_device(train_features))
 
     x = train_x.to(device, torch.float32)
     mean, std = x.mean(0), x.std(0)
@@ -924,7 +930,7 @@ def evaluate(args):
         for title, key in [("backbone", "backbone")] + ([("projection", "embedding")] if args.checkpoint else []):
             progress = sc.Progress(f"k-means on {title} features", args.kmeans_seeds, "seeds")
             runs = kmeans_baseline(tr[key], ev[key], labels, num_true, range(args.kmeans_seeds), args.kmeans_features == "l2",
-                                   args.kmeans_train_fraction, args.kmeans_n_init, progress)
+                                   args.kmeans_train_fraction, args.kmeans_n_init, progress, args.device)
             rows[f"k-means {title} (k={num_true}, {protocol}, {len(runs)} seeds)"] = mean_and_std(runs)
     if args.knn or args.linear_probe:
         train_labels = tr["labels"].numpy()

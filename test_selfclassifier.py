@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import warnings
 from pathlib import Path
@@ -805,14 +806,14 @@ def budget_run_records(out_dir):
 
 
 def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_completed(tmp_path):
-    """--minutes 0.3 (18 s): the schedule's length comes from the measured pace, and the run (steps, checkpoints, the
-    monitors and the final ones) ends inside the budget having used most of it (measured: 17.0 s of 18 on 2 CPU
+    """--minutes 0.25 (15 s): the schedule's length comes from the measured pace, and the run (steps, checkpoints, the
+    monitors and the final ones) ends inside the budget having used most of it (measured: MEASURED s of 15 on 2 CPU
     cores), its last step at the end of the cosine, not of the provisional 28 epochs (868 steps)."""
     started = time.time()
-    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.3", "--out-dir", str(tmp_path)]), started)
+    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.25", "--out-dir", str(tmp_path)]), started)
     elapsed = time.time() - started
     (budget,), train_lines = budget_run_records(tmp_path)
-    assert 0.6 * 18 < elapsed < 18, elapsed
+    assert 0.6 * 15 < elapsed < 15, elapsed
     total = budget["total_steps"]
     assert 15 < total < 868 and train_lines[-1]["step"] == total and budget["eval_every"] >= 1 and budget["knn_every"] >= 1
     assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(total - 1, total, 6, 0.5, 0.2, 0.002))
@@ -823,9 +824,10 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_completed(tmp_p
 def test_a_resumed_budgeted_run_keeps_its_schedule(tmp_path):
     """Stopped after the plan, a budgeted run started again continues the planned schedule (not a new plan, whose
     pace and remaining time would differ) and ends it."""
-    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.3", "--max-steps", "17", "--out-dir", str(tmp_path)]))
+    flags = BUDGET + ["--minutes", "0.2", "--eval-every", "0", "--knn-every", "0", "--out-dir", str(tmp_path)]
+    sc.train(sc.parse_config(flags + ["--max-steps", "17"]))
     (budget,), _ = budget_run_records(tmp_path)  # planned after step 15
-    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.3", "--out-dir", str(tmp_path)]))
+    sc.train(sc.parse_config(flags))
     budgets, train_lines = budget_run_records(tmp_path)
     assert len(budgets) == 1 and train_lines[-1]["step"] == budget["total_steps"] > 17
     assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(budget["total_steps"] - 1, budget["total_steps"], 6, 0.5, 0.2, 0.002))
@@ -1001,16 +1003,13 @@ def test_training_can_start_from_the_authors_checkpoint(tmp_path):
 MUTANTS = ("none", "gather_without_grad", "local_batch_normalisation", "wrong_target_rows")
 
 
-def ddp_steps(rank, world, init_file, out_dir, mutants):
+def ddp_steps(rank, world, out_dir, mutants):
     """One training step per mutant on rank `rank` of `world` (world 1 = the reference on the whole batch), in
     float64: BatchNorm over 8 tiny images is ill-conditioned enough that float32 rounding differs by ~1% between
     the two summation orders, which would hide real mistakes behind a loose tolerance. Rank 0 saves each result."""
-    import torch.distributed as dist
     threads, default_dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     originals = sc.gather_with_grad, sc.rank
     try:
         for mutant in mutants:
@@ -1032,8 +1031,27 @@ def ddp_steps(rank, world, init_file, out_dir, mutants):
         sc.gather_with_grad, sc.rank = originals
         torch.set_num_threads(threads)
         torch.set_default_dtype(default_dtype)
-        if world > 1:
-            dist.destroy_process_group()
+
+
+def gloo_rank(rank, world, init_file, out_dir):
+    """Rank `rank` of the two gloo processes that every cross-process test reads from: one spawn for all of them
+    (each spawn costs seconds of start-up)."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ddp_steps(rank, world, out_dir, MUTANTS)
+        batchnorm_in_groups(rank, out_dir)
+        loss_with_a_process_group(rank, out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gloo")
+    torch.multiprocessing.spawn(gloo_rank, args=(2, str(out / "init"), out), nprocs=2)
+    return out
 
 
 def one_ddp_step(rank, world):
@@ -1064,65 +1082,50 @@ def ddp_matches(reference, result):
             and all(close(reference["params"][n], result["params"][n]) for n in reference["params"]))
 
 
-def test_two_process_ddp_step_equals_one_process_on_the_whole_batch(tmp_path):
-    ddp_steps(0, 1, None, tmp_path, ["none"])
-    torch.multiprocessing.spawn(ddp_steps, args=(2, str(tmp_path / "init"), tmp_path, MUTANTS), nprocs=2)
+def test_two_process_ddp_step_equals_one_process_on_the_whole_batch(tmp_path, two_ranks):
+    ddp_steps(0, 1, tmp_path, ["none"])
     reference = torch.load(tmp_path / "none-world1.pt", weights_only=False)
-    assert ddp_matches(reference, torch.load(tmp_path / "none-world2.pt", weights_only=False))
+    assert ddp_matches(reference, torch.load(two_ranks / "none-world2.pt", weights_only=False))
     # the comparison is sharp enough to catch each classic mistake
     for mutant in MUTANTS[1:]:
-        assert not ddp_matches(reference, torch.load(tmp_path / f"{mutant}-world2.pt", weights_only=False)), mutant
+        assert not ddp_matches(reference, torch.load(two_ranks / f"{mutant}-world2.pt", weights_only=False)), mutant
 
 
-def batchnorm_in_groups(rank, world, init_file, out_dir):
+def batchnorm_in_groups(rank, out_dir):
     """Each rank normalises its own 6 x 3 batch with sync_batchnorm at every group size; rank r saves its outputs."""
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(rank)) * (rank + 1) + rank
+    outputs = {size: sc.sync_batchnorm(torch.nn.BatchNorm1d(3), torch.device("cpu"), size)(x).detach()
+               for size in (0, 1, 2)}
+    torch.save(dict(x=x, outputs=outputs), Path(out_dir) / f"bn-rank{rank}.pt")
     try:
-        x = torch.randn(6, 3, generator=torch.Generator().manual_seed(rank)) * (rank + 1) + rank
-        outputs = {size: sc.sync_batchnorm(torch.nn.BatchNorm1d(3), torch.device("cpu"), size)(x).detach()
-                   for size in (0, 1, 2)}
-        torch.save(dict(x=x, outputs=outputs), Path(out_dir) / f"bn-rank{rank}.pt")
-        try:
-            sc.sync_batchnorm(torch.nn.BatchNorm1d(3), torch.device("cpu"), 4)
-        except sc.UserError as error:
-            torch.save(str(error), Path(out_dir) / f"bn-error{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        sc.sync_batchnorm(torch.nn.BatchNorm1d(3), torch.device("cpu"), 4)
+    except sc.UserError as error:
+        torch.save(str(error), Path(out_dir) / f"bn-error{rank}.pt")
 
 
-def test_batchnorm_pools_the_batches_of_its_group_of_ranks(tmp_path):
+def test_batchnorm_pools_the_batches_of_its_group_of_ranks(two_ranks):
     """--bn-group-size: BatchNorm over the concatenated batches of the ranks of one group, as apex's groups that the
     authors' ImageNet runs used (22 of 66 GPUs); 0 (the default) pools all ranks."""
-    torch.multiprocessing.spawn(batchnorm_in_groups, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2)
-    ranks = [torch.load(tmp_path / f"bn-rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(two_ranks / f"bn-rank{r}.pt") for r in range(2)]
     pooled = torch.nn.BatchNorm1d(3)(torch.cat([r["x"] for r in ranks])).detach()
     for r, saved in enumerate(ranks):
         torch.testing.assert_close(saved["outputs"][0], pooled[6 * r:6 * (r + 1)])
         torch.testing.assert_close(saved["outputs"][2], pooled[6 * r:6 * (r + 1)])
         torch.testing.assert_close(saved["outputs"][1], torch.nn.BatchNorm1d(3)(saved["x"]).detach())
-        assert "does not divide the 2 ranks" in torch.load(tmp_path / f"bn-error{r}.pt")
+        assert "does not divide the 2 ranks" in torch.load(two_ranks / f"bn-error{r}.pt")
 
 
-def loss_with_a_process_group(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        logits = [torch.randn(5, 4, generator=torch.Generator().manual_seed(10 * rank + v)) for v in range(3)]
-        torch.save(dict(logits=logits, loss=sc.self_classifier_loss(logits)), Path(out_dir) / f"loss-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def loss_with_a_process_group(rank, out_dir):
+    logits = [torch.randn(5, 4, generator=torch.Generator().manual_seed(10 * rank + v)) for v in range(3)]
+    torch.save(dict(logits=logits, loss=sc.self_classifier_loss(logits)), Path(out_dir) / f"loss-rank{rank}.pt")
 
 
-def test_the_loss_gathers_only_when_given_a_gather(tmp_path):
+def test_the_loss_gathers_only_when_given_a_gather(two_ranks):
     """A process group exists, but the loss is called with its default gather (the identity), as in a validation on
     one rank or by a caller who gathered already: each rank gets the loss of its own batch. (The loss once
     all-gathered whenever a process group existed: on one rank that hangs, on all it mixes the batches.)"""
-    torch.multiprocessing.spawn(loss_with_a_process_group, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2)
     for r in range(2):
-        saved = torch.load(tmp_path / f"loss-rank{r}.pt")
+        saved = torch.load(two_ranks / f"loss-rank{r}.pt")
         torch.testing.assert_close(saved["loss"].double(), reference_loss(saved["logits"], 0.1, 0.05, 2), rtol=1e-5, atol=0)
 
 
@@ -1597,6 +1600,17 @@ def test_linear_probe_ignores_feature_scale_and_offset():
     assert a["weight_decay"] == b["weight_decay"] and abs(a["top1"] - b["top1"]) <= 0.01
 
 
+def test_lifted_functions_run_where_their_inputs_are(monkeypatch):
+    """k-means, kNN and the probe pasted into CPU code on a machine with a GPU stay on the CPU (they once defaulted to
+    CUDA whenever it was available); the test pretends a GPU exists, so moving anything there would fail."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (train_x, train_y), (test_x, test_y) = (map(torch.as_tensor, probe_blobs(n, 4, 3, 0.3, seed)) for n, seed in ((60, 0), (30, 1)))
+    assert ec.kmeans(train_x, 3, n_init=1)[1].device.type == "cpu"
+    assert 0 < ec.kmeans_baseline(train_x, test_x, test_y.numpy(), 3, [0])[0]["acc"] <= 1
+    assert ec.knn_accuracy(train_x, train_y, test_x, test_y, k=5)["top1"] > 0.5
+    assert ec.linear_probe(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy())["top1"] > 0.9
+
+
 def test_accepts_numpy_and_tensors():
     data = gaussian_data()
     as_tensors = [torch.as_tensor(a) for a in data]
@@ -1934,3 +1948,153 @@ def test_predict_on_a_missing_or_empty_folder_is_one_line(trained, tmp_path, mak
         ec.main(["--checkpoint", str(trained / "ckpt.pt"), "--predict", str(tmp_path / "empty")])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+# =====================================================================================================
+# scripts/: the sweep runner, the step benchmark and the reported GPU run, rehearsed on the CPU
+# =====================================================================================================
+# a training run of seconds on the CPU: tiny crops, two views, a narrow MLP, 6 steps, no monitors
+TINY_TRAIN = ("--dataset synthetic --stem imagenet --global-size 16 --local-crops 0 --hidden-dim 64 --batch-size 64 "
+              "--num-classes 10 12 --epochs 1 --warmup-epochs 0 --lr 0.5 --eval-every 0 --knn-every 0 --log-every 5 "
+              "--max-steps 6")
+TINY_EVAL = "--kmeans-seeds 0 --knn-k 5 --no-linear-probe"
+
+
+def run_script(args, timeout=120, **kwargs):
+    return subprocess.run([sys.executable] + [str(a) for a in args], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def test_sweep_trains_variants_at_once_and_a_failure_is_a_row(tmp_path):
+    out = tmp_path / "sweep"
+    started = time.time()
+    result = run_script(["scripts/sweep.py", "--out-dir", out, "--base", TINY_TRAIN, "--eval-flags", TINY_EVAL,
+                  "--variant", "plain=", "--variant", "lr0.8=--lr 0.8", "--variant", "bad=--lr -1"])
+    elapsed = time.time() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["name"]: row for row in json.loads((out / "table.json").read_text())}
+    assert set(rows) == {"plain", "lr0.8", "bad"}
+    for name in ("plain", "lr0.8"):
+        row = rows[name]
+        assert row["status"] == "done", row["status"]
+        assert 0 <= row["acc"] <= 1 and 0 <= row["nmi"] <= 1 and row["head"] == 10 and row["num_classes"] == 10
+        assert row["epochs"] > 0 and row["images_per_s"] > 0 and row["step"] == 6
+        assert 0 <= row["knn_top1"] <= 1 and row["knn_row"] == "kNN k=5 (backbone)" and row["probe_top1"] is None
+        assert "head C=12" in row["scores"] and row["train_s"] > 0 and row["eval_s"] > 0
+        for f in ("train.txt", "eval.txt", "log.jsonl", "ckpt.pt", "scores.json"):
+            assert (out / name / f).exists(), f
+    assert rows["lr0.8"]["flags"] == "--lr 0.8"
+    bad = rows["bad"]
+    assert bad["status"].startswith("failed: ") and "--lr: must be > 0" in bad["status"], bad["status"]
+    assert bad["acc"] is None and bad["scores"] is None and not (out / "bad" / "eval.txt").exists()
+    # at once, not one after the other: the sweep took less than the good variants' wall times added up
+    assert elapsed < rows["plain"]["wall_s"] + rows["lr0.8"]["wall_s"]
+    table = result.stdout[result.stdout.index("variant "):]
+    assert table.splitlines()[-2].startswith("bad ") and "failed: " in table  # ranked: the failure last
+
+
+def test_sweep_passes_the_time_budget_only_when_given():
+    """A sweep with --minutes trains every variant to that budget; without, the variants follow their --epochs. Its
+    --workers comes first, so that a variant's own flags win (argparse keeps the last value)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sweep", HERE / "scripts" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    command = sweep.train_command(["--lr", "1"], ["--seed", "2"], Path("out/a"), minutes=1.5, workers=3)
+    assert command[1:] == [str(HERE / "selfclassifier.py"), "--workers", "3", "--lr", "1", "--seed", "2",
+                           "--minutes", "1.5", "--out-dir", "out/a"]
+    assert "--minutes" not in sweep.train_command(["--lr", "1"], [], Path("out/a"), workers=3)
+
+
+def test_sweep_refuses_bad_variants_in_one_line(tmp_path):
+    for args, message in [([], "at least one --variant"), (["--variant", "a b=--lr 1"], "NAME=FLAGS"),
+                          (["--variant", "a=", "--variant", "a=--lr 1"], "must differ"),
+                          (["--variant", "a=", "--minutes", "0"], "--minutes must be > 0")]:
+        result = run_script(["scripts/sweep.py", "--out-dir", tmp_path] + args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def write_run_dir(run_dir, num_classes=10):
+    """A finished run's files as selfclassifier.py and eval_clustering.py write them, with known numbers."""
+    run_dir.mkdir()
+    train = [dict(event="train", epoch=e, step=s, loss=2.0 - s / 100, lr=0.1, images_per_s=ips, data_wait=0.1)
+             for e, s, ips in [(0, 1, 50.0), (0, 5, 100.0), (1, 10, 300.0), (2, 15, 200.0)]]
+    lines = [json.dumps(dict(event="config", config={}))] + [json.dumps(r) for r in train]
+    (run_dir / "log.jsonl").write_text("\n".join(lines) + '\n{"event": "train", "ep')  # a line still being written
+    (run_dir / "train.txt").write_text("config: {}\n2000 training images, 5 steps per epoch of 64 images\n")
+    scores = {"head C=10": dict(nmi=0.4, ami=0.39, ari=0.3, acc=0.5),
+              "head C=20": dict(nmi=0.41, ami=0.4, ari=0.2, acc=0.3, acc_majority=0.6, acc_hungarian_majority=0.61),
+              "kNN k=20 (backbone)": dict(top1=0.7, top5=0.9), "kNN k=200 (backbone)": dict(top1=0.65, top5=0.9),
+              "linear probe (backbone)": dict(top1=0.75, top5=0.95)}
+    scored = dict(source="ckpt.pt", dataset="imagefolder", scores=scores)
+    if num_classes:
+        scored.update(images=10000, num_classes=num_classes)
+    (run_dir / "scores.json").write_text(json.dumps(scored))
+
+
+def test_summarise_reads_a_run_directory_and_writes_a_ledger_row(tmp_path):
+    write_run_dir(tmp_path / "run")
+    result = run_script(["scripts/sweep.py", "--summarise", tmp_path / "run"])
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["epochs"] == 3 and row["step"] == 15 and row["images_per_s"] == 150  # median of 50, 100, 200, 300
+    assert (row["head"], row["acc"], row["nmi"], row["ari"]) == (10, 0.5, 0.4, 0.3)
+    assert row["acc_h_maj"] == {"20": 0.61} and row["knn_top1"] == 0.7 and row["probe_top1"] == 0.75
+    result = run_script(["scripts/sweep.py", "--summarise", tmp_path / "run", "--ledger-command", "python selfclassifier.py",
+                  "--ledger-minutes", "6", "--train-seconds", "361", "--eval-seconds", "25"])
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "run" / "ledger-row.md").read_text().splitlines()
+    assert lines[0].startswith("| date | GPU | commit |") and len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert len(cells) == 10 and cells[3] == "`python selfclassifier.py`"
+    assert cells[4:] == ["6 (train 361 s, eval 25 s)", "3", "150", "50.0 / 40.0 (C=10)", "70.0", "75.0"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_s"] == 361 and summary["commit"] and summary["torch"]
+    # a scores.json without num_classes (eval_clustering.py before it wrote them): the smallest head
+    write_run_dir(tmp_path / "old", num_classes=None)
+    row = json.loads(run_script(["scripts/sweep.py", "--summarise", tmp_path / "old"]).stdout)
+    assert row["head"] == 10 and row["acc"] == 0.5
+
+
+def test_bench_step_runs_on_the_cpu_for_each_batch_size(tmp_path):
+    result = run_script(["scripts/bench_step.py", "--dataset", "synthetic", "--stem", "imagenet", "--global-size", "16",
+                  "--local-crops", "0", "--hidden-dim", "64", "--num-classes", "10", "--batch-sizes", "16", "32",
+                  "--bench-steps", "1", "--json", tmp_path / "bench.json"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    printed = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert printed == saved and [r["batch"] for r in saved] == [16, 32]
+    for r in saved:
+        assert r["a_best"] > 0 and r["b_best"] > 0 and r["aug_ms_per_step"] > 0 and r["views"] == 2
+    table = result.stdout.splitlines()[-3:]
+    assert table[0].split()[:2] == ["batch", "cudnn"] and [line.split()[0] for line in table[1:]] == ["16", "32"]
+
+
+def test_cifar10_gpu_script_rehearsed_on_a_tiny_jpeg_folder(tmp_path):
+    """The GPU script end to end on 10 classes x 8 + 4 JPEGs: unpack, train (no --minutes: MINUTES 0), evaluate,
+    curves, ledger row, copies in $OUT."""
+    from PIL import Image
+    src, rng = tmp_path / "src", np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for c in range(10):
+            folder = src / "cifar10-jpeg" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):  # noise around one grey level per class
+                Image.fromarray((rng.random((32, 32, 3)) * 60 + 20 * c).astype(np.uint8)).save(folder / f"{i}.jpg")
+    for split in ("train", "test"):
+        with tarfile.open(tmp_path / f"cifar10-jpeg-{split}.tar.gz", "w:gz") as tar:
+            tar.add(src / "cifar10-jpeg" / split, arcname=f"cifar10-jpeg/{split}")
+    env = dict(os.environ, DATA_DIR=str(tmp_path / "data"), RUN_DIR=str(tmp_path / "run"),
+               OUT=str(tmp_path / "back"), PYTHON=sys.executable,
+               EXTRA_FLAGS="--stem imagenet --global-size 16 --local-crops 0 --hidden-dim 64 --batch-size 32 "
+                           "--num-classes 10 20 --epochs 1 --warmup-epochs 0 --max-steps 2 --workers 1",
+               EVAL_FLAGS="--kmeans-seeds 0 --knn-k 5 --no-linear-probe --workers 1")
+    result = subprocess.run(["bash", "scripts/cifar10_gpu.sh", str(tmp_path), "0"], cwd=HERE, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "data" / "cifar10-jpeg" / "test" / "class9" / "3.jpg").exists()
+    back = sorted(p.name for p in (tmp_path / "back").iterdir())
+    assert back == ["curves.png", "eval.txt", "ledger-row.md", "log.jsonl", "scores.json", "summary.json", "train.txt"]
+    row = (tmp_path / "back" / "ledger-row.md").read_text().splitlines()[2]
+    assert "--minutes" not in row and "| none (train " in row and "(C=10)" in row

@@ -47,13 +47,13 @@ NAME = re.compile(r"[A-Za-z0-9._-]+$")  # a variant's name is a folder name
 # =====================================================================================================
 # Commands
 # =====================================================================================================
-def train_command(base, flags, out_dir, minutes=None, budget_flag="--minutes", workers=None):
+def train_command(base, flags, out_dir, minutes=None, workers=None):
     """The training command of one variant. --workers comes first so that BASE or FLAGS can override it (argparse
     keeps the last value); the time budget is only passed when a sweep has one."""
     cmd = [sys.executable, str(REPO / "selfclassifier.py")]
     cmd += ["--workers", str(workers)] if workers else []
     cmd += base + flags
-    cmd += [budget_flag, f"{minutes:g}"] if minutes is not None else []
+    cmd += ["--minutes", f"{minutes:g}"] if minutes is not None else []
     return cmd + ["--out-dir", str(out_dir)]
 
 
@@ -239,7 +239,6 @@ def parse_args(argv=None):
                    help="a variant: its folder name and its extra flags (repeatable; 'defaults=' for the base alone)")
     p.add_argument("--minutes", type=float, help="training time budget per variant, passed as --minutes M (default: none, "
                    "the runs follow --epochs / --max-steps)")
-    p.add_argument("--budget-flag", default="--minutes", help="the selfclassifier.py flag that takes --minutes")
     p.add_argument("--eval-flags", default="", help="extra eval_clustering.py flags (one string)")
     p.add_argument("--bench-batch-sizes", type=int, nargs="+", help="first run scripts/bench_step.py for these batch sizes")
     p.add_argument("--bench-flags", default="", help="extra scripts/bench_step.py flags, e.g. '--bench-steps 20'")
@@ -315,7 +314,7 @@ def sweep(args):
     for v in variants:
         v.out_dir.mkdir(parents=True, exist_ok=True)
         v.t_start = time.time()
-        v.start(train_command(base, shlex.split(v.flags), v.out_dir, args.minutes, args.budget_flag, threads),
+        v.start(train_command(base, shlex.split(v.flags), v.out_dir, args.minutes, threads),
                 "train.txt", env, "training")
         print(f"  {v.name}: {v.commands['training']}", flush=True)
 
