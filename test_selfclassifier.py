@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import warnings
 from pathlib import Path
@@ -806,14 +805,14 @@ def budget_run_records(out_dir):
 
 
 def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_completed(tmp_path):
-    """--minutes 0.25 (15 s): the schedule's length comes from the measured pace, and the run (steps, checkpoints, the
-    monitors and the final ones) ends inside the budget having used most of it (measured: MEASURED s of 15 on 2 CPU
+    """--minutes 0.2 (12 s): the schedule's length comes from the measured pace, and the run (steps, checkpoints, the
+    monitors and the final ones) ends inside the budget having used most of it (measured: MEASURED s of 12 on 2 CPU
     cores), its last step at the end of the cosine, not of the provisional 28 epochs (868 steps)."""
     started = time.time()
-    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.25", "--out-dir", str(tmp_path)]), started)
+    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.2", "--out-dir", str(tmp_path)]), started)
     elapsed = time.time() - started
     (budget,), train_lines = budget_run_records(tmp_path)
-    assert 0.6 * 15 < elapsed < 15, elapsed
+    assert 0.6 * 12 < elapsed < 12, elapsed
     total = budget["total_steps"]
     assert 15 < total < 868 and train_lines[-1]["step"] == total and budget["eval_every"] >= 1 and budget["knn_every"] >= 1
     assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(total - 1, total, 6, 0.5, 0.2, 0.002))
@@ -824,7 +823,7 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_completed(tmp_p
 def test_a_resumed_budgeted_run_keeps_its_schedule(tmp_path):
     """Stopped after the plan, a budgeted run started again continues the planned schedule (not a new plan, whose
     pace and remaining time would differ) and ends it."""
-    flags = BUDGET + ["--minutes", "0.2", "--eval-every", "0", "--knn-every", "0", "--out-dir", str(tmp_path)]
+    flags = BUDGET + ["--minutes", "0.15", "--eval-every", "0", "--knn-every", "0", "--out-dir", str(tmp_path)]
     sc.train(sc.parse_config(flags + ["--max-steps", "17"]))
     (budget,), _ = budget_run_records(tmp_path)  # planned after step 15
     sc.train(sc.parse_config(flags))
@@ -1957,7 +1956,7 @@ def test_predict_on_a_missing_or_empty_folder_is_one_line(trained, tmp_path, mak
 TINY_TRAIN = ("--dataset synthetic --stem imagenet --global-size 16 --local-crops 0 --hidden-dim 64 --batch-size 64 "
               "--num-classes 10 12 --epochs 1 --warmup-epochs 0 --lr 0.5 --eval-every 0 --knn-every 0 --log-every 5 "
               "--max-steps 6")
-TINY_EVAL = "--kmeans-seeds 0 --knn-k 5 --no-linear-probe"
+TINY_EVAL = "--kmeans-seeds 0 --no-knn --no-linear-probe"
 
 
 def run_script(args, timeout=120, **kwargs):
@@ -1979,7 +1978,7 @@ def test_sweep_trains_variants_at_once_and_a_failure_is_a_row(tmp_path):
         assert row["status"] == "done", row["status"]
         assert 0 <= row["acc"] <= 1 and 0 <= row["nmi"] <= 1 and row["head"] == 10 and row["num_classes"] == 10
         assert row["epochs"] > 0 and row["images_per_s"] > 0 and row["step"] == 6
-        assert 0 <= row["knn_top1"] <= 1 and row["knn_row"] == "kNN k=5 (backbone)" and row["probe_top1"] is None
+        assert row["knn_top1"] is None and row["probe_top1"] is None  # not asked for: --no-knn --no-linear-probe
         assert "head C=12" in row["scores"] and row["train_s"] > 0 and row["eval_s"] > 0
         for f in ("train.txt", "eval.txt", "log.jsonl", "ckpt.pt", "scores.json"):
             assert (out / name / f).exists(), f
@@ -2055,46 +2054,3 @@ def test_summarise_reads_a_run_directory_and_writes_a_ledger_row(tmp_path):
     write_run_dir(tmp_path / "old", num_classes=None)
     row = json.loads(run_script(["scripts/sweep.py", "--summarise", tmp_path / "old"]).stdout)
     assert row["head"] == 10 and row["acc"] == 0.5
-
-
-def test_bench_step_runs_on_the_cpu_for_each_batch_size(tmp_path):
-    result = run_script(["scripts/bench_step.py", "--dataset", "synthetic", "--stem", "imagenet", "--global-size", "16",
-                  "--local-crops", "0", "--hidden-dim", "64", "--num-classes", "10", "--batch-sizes", "16", "32",
-                  "--bench-steps", "1", "--json", tmp_path / "bench.json"])
-    assert result.returncode == 0, result.stdout + result.stderr
-    printed = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    saved = json.loads((tmp_path / "bench.json").read_text())
-    assert printed == saved and [r["batch"] for r in saved] == [16, 32]
-    for r in saved:
-        assert r["a_best"] > 0 and r["b_best"] > 0 and r["aug_ms_per_step"] > 0 and r["views"] == 2
-    table = result.stdout.splitlines()[-3:]
-    assert table[0].split()[:2] == ["batch", "cudnn"] and [line.split()[0] for line in table[1:]] == ["16", "32"]
-
-
-def test_cifar10_gpu_script_rehearsed_on_a_tiny_jpeg_folder(tmp_path):
-    """The GPU script end to end on 10 classes x 8 + 4 JPEGs: unpack, train (no --minutes: MINUTES 0), evaluate,
-    curves, ledger row, copies in $OUT."""
-    from PIL import Image
-    src, rng = tmp_path / "src", np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 4)):
-        for c in range(10):
-            folder = src / "cifar10-jpeg" / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):  # noise around one grey level per class
-                Image.fromarray((rng.random((32, 32, 3)) * 60 + 20 * c).astype(np.uint8)).save(folder / f"{i}.jpg")
-    for split in ("train", "test"):
-        with tarfile.open(tmp_path / f"cifar10-jpeg-{split}.tar.gz", "w:gz") as tar:
-            tar.add(src / "cifar10-jpeg" / split, arcname=f"cifar10-jpeg/{split}")
-    env = dict(os.environ, DATA_DIR=str(tmp_path / "data"), RUN_DIR=str(tmp_path / "run"),
-               OUT=str(tmp_path / "back"), PYTHON=sys.executable,
-               EXTRA_FLAGS="--stem imagenet --global-size 16 --local-crops 0 --hidden-dim 64 --batch-size 32 "
-                           "--num-classes 10 20 --epochs 1 --warmup-epochs 0 --max-steps 2 --workers 1",
-               EVAL_FLAGS="--kmeans-seeds 0 --knn-k 5 --no-linear-probe --workers 1")
-    result = subprocess.run(["bash", "scripts/cifar10_gpu.sh", str(tmp_path), "0"], cwd=HERE, env=env,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (tmp_path / "data" / "cifar10-jpeg" / "test" / "class9" / "3.jpg").exists()
-    back = sorted(p.name for p in (tmp_path / "back").iterdir())
-    assert back == ["curves.png", "eval.txt", "ledger-row.md", "log.jsonl", "scores.json", "summary.json", "train.txt"]
-    row = (tmp_path / "back" / "ledger-row.md").read_text().splitlines()[2]
-    assert "--minutes" not in row and "| none (train " in row and "(C=10)" in row
