@@ -1513,23 +1513,28 @@ class Training:
 
     def plan_budget(self, step_time, warmup_steps):
         """Fix the schedule's length so that the rest of the run (steps, a checkpoint per epoch, the monitors and the
-        final ones) ends inside the budget; automatic monitor cadences take at most MONITOR_SHARE of it each."""
+        final ones) ends inside the budget. An automatic monitor (-1) runs as often as fits in MONITOR_SHARE of the
+        budget, and not at all, not even after the last step, when one pass costs more than that."""
         cfg, spe, budget = self.cfg, self.steps_per_epoch, 60 * self.cfg.minutes
-        epoch = self.step // spe
-        self.checkpoint()  # one of each, timed now
-        self.monitor(epoch, cfg.eval_every != 0, cfg.knn_every != 0 and self.labelled_train > 0)
-        costs = {what: self.costs.get(what, 0.0) for what in ("checkpoint", "heads", "knn")}
+        knn_wanted = cfg.knn_every != 0 and self.labelled_train > 0
+        self.checkpoint()  # timed now, as is a pass over the test split (the heads monitor)
+        if "heads" not in self.costs:
+            self.monitor(self.step // spe, cfg.eval_every != 0 or knn_wanted, False)
+        costs = {what: self.costs.get(what, 0.0) for what in ("checkpoint", "heads")}
+        if self.eval_labelled:  # the kNN monitor passes over both splits: timed if it ran, else in proportion
+            costs["knn"] = self.costs.get("knn", costs["heads"] * (len(self.train_set) + len(self.eval_set)) / len(self.eval_set))
         remaining = budget * (1 - BUDGET_MARGIN) - (time.time() - self.started)
         epochs_guess = max(remaining, 0) / (spe * step_time + costs["checkpoint"])
 
         def cadence(given, cost):
             if given >= 0 or not self.eval_labelled:
                 return max(given, 0)
-            return max(1, math.ceil(cost * epochs_guess / (MONITOR_SHARE * budget)))
+            share = MONITOR_SHARE * budget
+            return 0 if cost > share else max(1, math.ceil(cost * epochs_guess / share))
 
         every = dict(eval_every=cadence(cfg.eval_every, costs["heads"]),
-                     knn_every=cadence(cfg.knn_every, costs["knn"]) if self.labelled_train else 0)
-        monitors = [(costs[what], every[key]) for what, key in (("heads", "eval_every"), ("knn", "knn_every")) if every[key]]
+                     knn_every=cadence(cfg.knn_every, costs.get("knn", 0.0)) if knn_wanted else 0)
+        monitors = [(costs.get(what, 0.0), every[key]) for what, key in (("heads", "eval_every"), ("knn", "knn_every")) if every[key]]
         per_step = step_time + (costs["checkpoint"] + sum(cost / e for cost, e in monitors)) / spe
         final = costs["checkpoint"] + sum(cost for cost, _ in monitors)
         total = self.step + max(1, int((remaining - final) / per_step))
@@ -1540,7 +1545,7 @@ class Training:
         when = {key: f"every {e} epoch(s)" if e else "never" for key, e in every.items()}
         self.log(record, f"budget {cfg.minutes:g} min: {record['images_per_s']:,.0f} img/s measured, {total / spe:.1f} epochs "
                  f"({total:,} steps); test-split monitor {when['eval_every']} ({costs['heads']:.1f} s each), kNN "
-                 f"{when['knn_every']} ({costs['knn']:.1f} s each), a checkpoint per epoch ({costs['checkpoint']:.2f} s)")
+                 f"{when['knn_every']} ({costs.get('knn', 0):.1f} s each), a checkpoint per epoch ({costs['checkpoint']:.2f} s)")
         if total <= warmup_steps:
             warnings.warn(f"the budget allows {total} steps, no more than the {warmup_steps} warmup steps: the cosine never "
                           f"starts; lower --warmup-epochs or raise --minutes")
