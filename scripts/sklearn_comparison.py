@@ -44,26 +44,25 @@ def compare_ami():
           f"speed-up {t_sk / t_ours:.0f}x, |diff| {abs(ref - ours['ami']):.1e}")
 
 
+def compare_kmeans(x, k, what):
+    (labels, c), t_ours = timed(kmeans, x, k, n_init=3, seed=0, device="cpu")
+    km, t_sk = timed(KMeans(k, n_init=3, random_state=0).fit, x.numpy())
+    print(f"k-means {what}: ours {t_ours:.2f} s inertia {inertia(x, labels, c):.2f}; "
+          f"scikit-learn {t_sk:.2f} s inertia {km.inertia_:.2f}")
+
+
 def compare_kmeans_128():
     for name, spread in (("well-separated", 1.0), ("overlapping", 8.0)):
         g = torch.Generator().manual_seed(1)
         centres = torch.randn(10, 128, generator=g) * 4
         x = centres[torch.randint(10, (50_000,), generator=g)] + spread * torch.randn(50_000, 128, generator=g)
-        x = torch.nn.functional.normalize(x, dim=1)
-        (labels, c), t_ours = timed(kmeans, x, 10, n_init=3, seed=0, device="cpu")
-        km, t_sk = timed(KMeans(10, n_init=3, random_state=0).fit, x.numpy())
-        print(f"k-means 50000 x 128, k=10, 3 restarts, {name}: ours {t_ours:.2f} s inertia {inertia(x, labels, c):.2f}; "
-              f"scikit-learn {t_sk:.2f} s inertia {km.inertia_:.2f}")
+        compare_kmeans(torch.nn.functional.normalize(x, dim=1), 10, f"50000 x 128, k=10, 3 restarts, {name}")
 
 
 def compare_kmeans_512():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(100, 512, generator=g)[torch.randint(100, (50_000,), generator=g)] + 0.08 * torch.randn(50_000, 512, generator=g)
-    x = torch.nn.functional.normalize(x, dim=1)
-    (labels, c), t_ours = timed(kmeans, x, 100, n_init=3, seed=0, device="cpu")
-    km, t_sk = timed(KMeans(100, n_init=3, random_state=0).fit, x.numpy())
-    print(f"k-means 50000 x 512, k=100, 3 restarts, overlapping: ours {t_ours:.2f} s inertia {inertia(x, labels, c):.2f}; "
-          f"scikit-learn {t_sk:.2f} s inertia {km.inertia_:.2f}")
+    compare_kmeans(torch.nn.functional.normalize(x, dim=1), 100, "50000 x 512, k=100, 3 restarts, overlapping")
 
 
 def compare_knn_and_probe():
