@@ -1508,7 +1508,10 @@ class Training:
         if self.pace_start is None or steps_run < PACE_WARMUP_STEPS + 10:
             return
         timed = time.time() - self.pace_start[0] - (self.overhead - self.pace_start[1])
-        if timed >= 0.02 * 60 * self.cfg.minutes or self.step + 1 >= warmup_steps or self.step + 1 >= self.last_step:
+        ready = timed >= 0.02 * 60 * self.cfg.minutes or self.step + 1 >= warmup_steps or self.step + 1 >= self.last_step
+        if world_size() > 1:  # every rank plans at the same step (rank 0's plan is broadcast): a sync per step, until then
+            ready = bool(all_reduce_sum(torch.tensor([float(ready)], device=self.device)) > 0)
+        if ready:
             self.plan_budget(timed / (self.step - self.pace_start[2]), warmup_steps)
 
     def plan_budget(self, step_time, warmup_steps):
