@@ -1242,7 +1242,8 @@ def use_batch_aug(cfg, dataset):
 # =====================================================================================================
 # Training loop
 # =====================================================================================================
-BUDGET_MARGIN = 0.03   # --minutes: the share of the budget kept free for the pace's variation and the exit
+BUDGET_MARGIN = 0.03   # --minutes: the share of the budget kept free for the exit and the start-up's variation
+PACE_MARGIN = 0.05     # --minutes: and the share of the remaining training time, for the pace's variation (CPU: ~10 %)
 MONITOR_SHARE = 0.04   # --minutes: the share of the budget each automatic test-split monitor may take
 PACE_WARMUP_STEPS = 5  # --minutes: steps not timed (cuDNN autotuning, allocator, first batches)
 
@@ -1403,14 +1404,14 @@ class Training:
         return values
 
     def run(self):
-        if self.step >= self.last_step:
-            self.log(dict(event="finished", step=self.step), f"already trained {self.step // self.steps_per_epoch} epochs "
-                     f"({self.step} steps) in {self.out_dir}; nothing to do — use another --out-dir to train again")
         cfg = self.cfg
         self.log(dict(event="config", config=dataclasses.asdict(cfg), world_size=world_size()),
                  f"config: {json.dumps(dataclasses.asdict(cfg))}\n{len(self.train_set)} training images, "
                  f"{self.steps_per_epoch} steps per epoch of {self.global_batch} images, {len(self.specs)} views, "
                  f"{world_size()} process(es) on {self.device}")
+        if self.step >= self.last_step:  # the loop below is skipped
+            self.log(dict(event="finished", step=self.step), f"already trained {self.step // self.steps_per_epoch} epochs "
+                     f"({self.step} steps) in {self.out_dir}; nothing to do — use another --out-dir to train again")
         self.interrupted = []  # Ctrl-C finishes the current step, saves a checkpoint, then exits
         previous_handler = signal.signal(signal.SIGINT, lambda *_: self.interrupted.append(True))
         try:
@@ -1540,7 +1541,7 @@ class Training:
         monitors = [(costs.get(what, 0.0), every[key]) for what, key in (("heads", "eval_every"), ("knn", "knn_every")) if every[key]]
         per_step = step_time + (costs["checkpoint"] + sum(cost / e for cost, e in monitors)) / spe
         final = costs["checkpoint"] + sum(cost for cost, _ in monitors)
-        total = self.step + max(1, int((remaining - final) / per_step))
+        total = self.step + max(1, int((remaining - final) / (per_step * (1 + PACE_MARGIN))))
         self.schedule = broadcast_from_main(dict(total_steps=total, **every))  # every rank follows rank 0's plan
         record = dict(event="budget", minutes=cfg.minutes, images_per_s=self.global_batch / step_time, epochs=total / spe,
                       seconds_per_step=step_time, costs=costs, planned_at_step=self.step, elapsed=time.time() - self.started,

@@ -804,10 +804,13 @@ def budget_run_records(out_dir):
     return [r for r in records if r["event"] == "budget"], [r for r in records if r["event"] == "train"]
 
 
-def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_completed(tmp_path):
+def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_completed(tmp_path, monkeypatch):
     """--minutes 0.2 (12 s): the schedule's length comes from the measured pace, and the run (steps, checkpoints, the
-    monitors and the final ones) ends inside the budget having used most of it (measured: 11.2 and 11.8 s of 12 on 2 CPU
-    cores), its last step at the end of the cosine, not of the provisional 28 epochs (868 steps)."""
+    monitors and the final ones) ends inside the budget having used most of it, its last step at the end of the
+    cosine, not of the provisional 28 epochs (868 steps). The pace of this 2-core VM varies by 10-20 % from second to
+    second, more than the default PACE_MARGIN (5 %, for a dedicated GPU) covers on a 12 s budget: six runs ended in
+    10.8 to 12.3 s, one over; with 20 %, as here, in 9.7 to 11.0 s."""
+    monkeypatch.setattr(sc, "PACE_MARGIN", 0.2)
     started = time.time()
     sc.train(sc.parse_config(BUDGET + ["--minutes", "0.2", "--out-dir", str(tmp_path)]), started)
     elapsed = time.time() - started
