@@ -12,6 +12,7 @@ accuracy after the best one-to-one matching of clusters to classes (Hungarian al
 than classes, acc_majority maps each cluster to its most frequent class and acc_hungarian_majority is the
 authors' variant as their code computes it (matching first, majority for the clusters left over).
 superclass_accuracy is the authors' superclass ACC (clusters matched to fine classes, scored on their superclasses).
+from_authors_checkpoint reads the authors' released checkpoints as this project's.
 
 The functions above the command-line section import nothing from selfclassifier.py; only the command line,
 which needs the model and the data, does.
@@ -19,7 +20,10 @@ which needs the model and the data, does.
 import argparse
 import json
 import math
+import pickle
+import re
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -690,6 +694,73 @@ def plot_training_log(log_path, png_path=None, width=960, panel_height=230):
     if png_path:
         image.save(png_path)
     return image
+
+
+# =====================================================================================================
+# The authors' released checkpoints, read without their source code (selfclassifier.load_checkpoint uses these)
+# =====================================================================================================
+class StandIn:
+    """What an object of a class that cannot be imported here unpickles to: its pickled state, inert. The authors'
+    train.py stores its nearest-neighbour queue (their utils.NNQueue) in every checkpoint, which would otherwise
+    make their checkpoints unreadable outside their source folder."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class CheckpointUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return StandIn
+
+
+checkpoint_pickle = types.SimpleNamespace(__name__="checkpoint_pickle", Unpickler=CheckpointUnpickler,
+                                          load=lambda file, **kwargs: CheckpointUnpickler(file, **kwargs).load())
+
+
+def is_authors_checkpoint(state):
+    """The authors' train.py saves {'state_dict': {'module.mlp_head...': ...}, 'args': ..., ...}."""
+    return isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and any("mlp_head." in k for k in state["state_dict"])
+
+
+def from_authors_checkpoint(state):
+    """The authors' released checkpoints (github elad-amrani/self-classifier) as one of ours: their state_dict
+    keys module.backbone.* (torchvision ResNet), module.mlp_head.mlp.{0,1,3}.* (Linear, BatchNorm1d, LeakyReLU,
+    Linear) and module.cls_{i}.weight_g / weight_v (old-style weight norm) renamed to this model's, and the
+    config read off the tensor shapes. Their images were normalised with the ImageNet mean and std. ValueError when
+    the projection or the backbone is not this project's."""
+    weights = dict(pixel_mean=torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                   pixel_std=torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+    projection_layers = set()
+    for key, value in state["state_dict"].items():
+        key = key.removeprefix("module.")  # their DistributedDataParallel's
+        head = re.fullmatch(r"cls_(\d+)\.weight_([gv])", key)
+        if key.startswith("backbone.") and not key.startswith("backbone.fc."):
+            weights[key] = value
+        elif key.startswith("mlp_head.mlp."):
+            projection_layers.add(int(key.split(".")[2]))
+            weights["projector." + key.removeprefix("mlp_head.mlp.")] = value
+        elif head:
+            weights[f"heads.{head[1]}.parametrizations.weight.original{dict(g=0, v=1)[head[2]]}"] = value
+    args = vars(state["args"]) if hasattr(state.get("args"), "__dict__") else state.get("args") or {}
+    if projection_layers != {0, 1, 3} or args.get("no_leaky"):
+        raise ValueError(f"this model's projection is Linear-BatchNorm-LeakyReLU-Linear (the authors' "
+                         f"--num-hidden 2 --use-bn); this checkpoint's has layers {sorted(projection_layers)}")
+    layer3 = {k.split(".")[2] for k in weights if k.startswith("backbone.layer3.")}
+    arch = "resnet50" if "backbone.layer1.0.conv3.weight" in weights else {2: "resnet18", 6: "resnet34"}.get(len(layer3))
+    if arch is None or "backbone.conv1.weight" not in weights:
+        raise ValueError("the backbone is not a torchvision ResNet-18/34/50")
+    heads = sorted(int(k.split(".")[1]) for k in weights if k.startswith("heads.") and k.endswith("original1"))
+    config = dict(arch=arch, stem="imagenet" if weights["backbone.conv1.weight"].shape[-1] == 7 else "cifar",
+                  global_size=224, dataset="imagefolder", hidden_dim=weights["projector.0.weight"].shape[0],
+                  embed_dim=weights["projector.3.weight"].shape[0],
+                  num_classes=[weights[f"heads.{i}.parametrizations.weight.original1"].shape[0] for i in heads])
+    return dict(model=weights, config=config, step=0, source="authors")
 
 
 # =====================================================================================================

@@ -33,11 +33,9 @@ import itertools
 import json
 import math
 import os
-import pickle
 import re
 import signal
 import sys
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +48,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from eval_clustering import cluster_metrics, knn_accuracy
+from eval_clustering import checkpoint_pickle, cluster_metrics, from_authors_checkpoint, is_authors_checkpoint, knn_accuracy
 
 warnings.filterwarnings("ignore", "torch.distributed.nn.functional.* is deprecated", FutureWarning)
 
@@ -996,76 +994,23 @@ RUN_KEYS = ("dataset", "data", "batch_size", "world_size", "epochs", "minutes", 
             "optimizer")  # what defines a run's data and schedule: a checkpoint in OUT_DIR with others is another run's
 
 
-class StandIn:
-    """What an object of a class that cannot be imported here unpickles to: its pickled state, inert. The authors'
-    train.py stores its nearest-neighbour queue (their utils.NNQueue) in every checkpoint, which would otherwise
-    make their checkpoints unreadable outside their source folder."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class CheckpointUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return StandIn
-
-
-checkpoint_pickle = types.SimpleNamespace(__name__="checkpoint_pickle", Unpickler=CheckpointUnpickler,
-                                          load=lambda file, **kwargs: CheckpointUnpickler(file, **kwargs).load())
-
-
 def load_checkpoint(path):
-    """Load one of our checkpoints, or one of the authors' (converted), onto the CPU; UserError if neither."""
+    """Load one of our checkpoints, or one of the authors' (converted: eval_clustering.from_authors_checkpoint), onto
+    the CPU; UserError if neither."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=checkpoint_pickle)
     except Exception as error:  # truncated or not a torch file
         raise UserError(f"cannot read checkpoint {path} ({one_line(error)})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and any("mlp_head." in k for k in state["state_dict"]):
-        return from_authors_checkpoint(state, path)
+    if is_authors_checkpoint(state):
+        try:
+            return from_authors_checkpoint(state)
+        except ValueError as error:
+            raise UserError(f"{path}: {error}") from None
     if not isinstance(state, dict) or not {"model", "config"} <= set(state):
         raise UserError(f"{path} is not a Self-Classifier checkpoint (no 'model' and 'config' entries)")
     return state
-
-
-def from_authors_checkpoint(state, path):
-    """The authors' released checkpoints (github elad-amrani/self-classifier) as one of ours: their state_dict
-    keys module.backbone.* (torchvision ResNet), module.mlp_head.mlp.{0,1,3}.* (Linear, BatchNorm1d, LeakyReLU,
-    Linear) and module.cls_{i}.weight_g / weight_v (old-style weight norm) renamed to this model's, and the
-    config read off the tensor shapes. Their images were normalised with the ImageNet mean and std."""
-    weights = dict(pixel_mean=torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
-                   pixel_std=torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-    projection_layers = set()
-    for key, value in strip_prefixes(state["state_dict"]).items():
-        head = re.fullmatch(r"cls_(\d+)\.weight_([gv])", key)
-        if key.startswith("backbone.") and not key.startswith("backbone.fc."):
-            weights[key] = value
-        elif key.startswith("mlp_head.mlp."):
-            projection_layers.add(int(key.split(".")[2]))
-            weights["projector." + key.removeprefix("mlp_head.mlp.")] = value
-        elif head:
-            weights[f"heads.{head[1]}.parametrizations.weight.original{dict(g=0, v=1)[head[2]]}"] = value
-    args = vars(state["args"]) if hasattr(state.get("args"), "__dict__") else state.get("args") or {}
-    if projection_layers != {0, 1, 3} or args.get("no_leaky"):
-        raise UserError(f"{path}: this model's projection is Linear-BatchNorm-LeakyReLU-Linear (the authors' "
-                        f"--num-hidden 2 --use-bn); this checkpoint's has layers {sorted(projection_layers)}")
-    layer3 = {k.split(".")[2] for k in weights if k.startswith("backbone.layer3.")}
-    arch = "resnet50" if "backbone.layer1.0.conv3.weight" in weights else {2: "resnet18", 6: "resnet34"}.get(len(layer3))
-    if arch is None or "backbone.conv1.weight" not in weights:
-        raise UserError(f"{path}: the backbone is not a torchvision ResNet-18/34/50")
-    heads = sorted(int(k.split(".")[1]) for k in weights if k.startswith("heads.") and k.endswith("original1"))
-    config = dict(arch=arch, stem="imagenet" if weights["backbone.conv1.weight"].shape[-1] == 7 else "cifar",
-                  global_size=224, dataset="imagefolder", hidden_dim=weights["projector.0.weight"].shape[0],
-                  embed_dim=weights["projector.3.weight"].shape[0],
-                  num_classes=[weights[f"heads.{i}.parametrizations.weight.original1"].shape[0] for i in heads])
-    return dict(model=weights, config=config, step=0, source="authors")
 
 
 def config_from_checkpoint(state, **overrides):
