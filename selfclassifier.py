@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import re
 import signal
 import sys
 import warnings
@@ -219,10 +218,9 @@ class SelfClassifier(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(self.feature_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.LeakyReLU(inplace=True),
             nn.Linear(hidden_dim, embed_dim))
-        for layer in self.projector:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+        for linear in (self.projector[0], self.projector[3]):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
         self.heads = nn.ModuleList()
         for c in num_classes:
             head = nn.utils.parametrizations.weight_norm(nn.Linear(embed_dim, c, bias=False))
@@ -248,11 +246,9 @@ class SelfClassifier(nn.Module):
             return [head(z) for head in self.heads]
 
     def forward(self, views):
-        """views: list of [B, 3, h, w] -> (embeddings: list over views of [B, D],
-        head_logits: list over heads of (list over views of [B, C])).
-
-        As the authors: the backbone runs once per crop resolution, then the projection runs once on the
-        features of all views together, so its BatchNorm normalises over global and local views at once."""
+        """views: list of [B, 3, h, w] -> (embeddings: list over views of [B, D], head_logits: list over heads of (list
+        over views of [B, C])). As the authors: the backbone runs once per crop resolution, then the projection once
+        on the features of all views together, so its BatchNorm normalises over global and local views at once."""
         features = [self.features(torch.cat(same_size)) for same_size in runs_of(views, key=lambda v: v.shape[-1])]
         z = self.embed(torch.cat(features))                                   # [V*B, D]
         return list(z.chunk(len(views))), [list(s.chunk(len(views))) for s in self.classify(z)]
@@ -579,12 +575,8 @@ def random_crop_boxes(n, height, width, scale, gen, device):
     h = (area / log_ratio.exp()).sqrt().round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.int().argmax(1, keepdim=True)  # index of the first draw that fits
-    if width / height < RATIO[0]:  # the fallback box, as torchvision's
-        fallback = width, round(width / RATIO[0])
-    elif width / height > RATIO[1]:
-        fallback = round(height * RATIO[1]), height
-    else:
-        fallback = width, height
+    fallback = ((width, round(width / RATIO[0])) if width / height < RATIO[0] else  # (w, h), as torchvision's
+                (round(height * RATIO[1]), height) if width / height > RATIO[1] else (width, height))
     found = fits.any(1)
     w = torch.where(found, w.gather(1, first).squeeze(1), fallback[0])
     h = torch.where(found, h.gather(1, first).squeeze(1), fallback[1])
@@ -621,10 +613,9 @@ def resized_crops(images, top, left, h, w, size, flip):
 
 def crops_of_one_size(images, specs, gen, jitter_order=(0, 1, 2, 3)):
     """Views `specs` (all of one size and crop scale, e.g. the local crops) of a whole batch in one pass: uint8
-    [B, 3, H, W] -> float [len(specs) * B, 3, size, size] in [0, 1], view after view, every sample with its own
-    random crop, flip, jitter factors, grayscale, blur and solarisation, each with its view's probability. One
-    difference from torchvision's per-image transforms: the order of the four colour jitters is drawn once per
-    call, not per image."""
+    [B, 3, H, W] -> float [len(specs) * B, 3, size, size] in [0, 1], view after view, every sample with its own random
+    crop, flip, jitter factors, grayscale, blur and solarisation, each with its view's probability. Unlike torchvision's
+    per-image transforms, the order of the four colour jitters is drawn once per call, not per image."""
     if images.dtype != torch.uint8:
         raise TypeError(f"crops_of_one_size takes uint8 images with levels 0-255, got {images.dtype} "
                         f"(a float batch in [0, 1] would come out nearly black): pass (x * 255).round().to(torch.uint8)")
@@ -649,15 +640,12 @@ def crops_of_one_size(images, specs, gen, jitter_order=(0, 1, 2, 3)):
     brightness, contrast, saturation = [torch.where(jitter, uniform(1 - s, 1 + s), 1.0).view(B, 1, 1, 1)
                                         for s in spec.jitter[:3]]
     hue = torch.where(jitter, uniform(-spec.jitter[3], spec.jitter[3]), 0.0)
+    jitters = [lambda x: (x * brightness).clamp(0, 1),
+               lambda x: (contrast * x + (1 - contrast) * grayscale(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1),
+               lambda x: (saturation * x + (1 - saturation) * grayscale(x)).clamp(0, 1),
+               lambda x: adjust_hue(x, hue)]
     for op in jitter_order:
-        if op == 0:
-            x = (x * brightness).clamp(0, 1)
-        elif op == 1:
-            x = (contrast * x + (1 - contrast) * grayscale(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
-        elif op == 2:
-            x = (saturation * x + (1 - saturation) * grayscale(x)).clamp(0, 1)
-        else:
-            x = adjust_hue(x, hue)
+        x = jitters[op](x)
     x = torch.where(chance([spec.gray_prob]).view(B, 1, 1, 1), grayscale(x).expand_as(x), x)
     if any(s.blur_prob > 0 for s in specs):  # sigma ~ U(0.1, 2) where blurred; a tiny sigma is an exact identity kernel
         sigma = torch.where(chance([s.blur_prob for s in specs]), uniform(*BLUR_SIGMA), 1e-3)
@@ -697,11 +685,9 @@ class ImageArray(torch.utils.data.Dataset):
 
 
 def make_synthetic(train, size=32):
-    """A small offline dataset with 10 known classes: 5 textures x 2 scales, random tints, phase and noise.
-
-    Each class survives crops, flips, colour jitter and grayscale (it is defined by shape, not colour), so
-    the method can find it; the pixels and labels depend only on the split.
-    """
+    """A small offline dataset with 10 known classes: 5 textures x 2 scales, random tints, phase and noise. Each class
+    survives crops, flips, colour jitter and grayscale (it is defined by shape, not colour), so the method can find it;
+    the pixels and labels depend only on the split."""
     n = 2000 if train else 500
     gen = torch.Generator().manual_seed(1 if train else 2)
     labels = torch.arange(n) % 10
@@ -732,27 +718,23 @@ def read_image(path):
     """PIL loader that returns None for an unreadable file instead of raising."""
     from PIL import Image
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        with Image.open(path) as image:
+            return image.convert("RGB")
     except OSError:
         return None
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Every image file under root, at any depth, sorted by path, unlabelled (label -1): a folder of one's own photos.
-    The interface of torchvision's ImageFolder (samples, targets, classes, loader, transform)."""
+class ImageFiles(torchvision.datasets.ImageFolder):
+    """Every image file under root, at any depth, sorted by path, unlabelled (label -1): a folder of one's own photos,
+    as an ImageFolder (samples, targets, classes, loader) with no classes."""
 
-    def __init__(self, root, loader=read_image):
+    def find_classes(self, directory):
+        return [], {}
+
+    @staticmethod
+    def make_dataset(directory, *args, **kwargs):
         extensions = torchvision.datasets.folder.IMG_EXTENSIONS
-        self.samples = [(str(p), -1) for p in sorted(Path(root).rglob("*")) if p.suffix.lower() in extensions and p.is_file()]
-        self.targets, self.classes, self.loader, self.transform = [-1] * len(self.samples), [], loader, None
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        image = self.loader(self.samples[index][0])
-        return image if self.transform is None or image is None else self.transform(image), self.targets[index]
+        return [(str(p), -1) for p in sorted(Path(directory).rglob("*")) if p.suffix.lower() in extensions and p.is_file()]
 
 
 class Indexed(torch.utils.data.Dataset):
@@ -806,7 +788,7 @@ def load_image_folder(root, in_memory_max_size, workers, labelled=True):
     if not Path(root).is_dir():
         raise UserError(f"cannot read image folder {root}: it does not exist")
     try:
-        folder = torchvision.datasets.ImageFolder(root, loader=read_image) if labelled else ImageFiles(root)
+        folder = (torchvision.datasets.ImageFolder if labelled else ImageFiles)(root, loader=read_image)
     except (FileNotFoundError, OSError) as error:
         raise UserError(f"cannot read image folder {root}: {str(error).splitlines()[0]}") from None
     if labelled and len(folder.classes) < 2:
@@ -917,6 +899,11 @@ def all_reduce_sum(x):
     if world_size() > 1:
         dist.all_reduce(x)
     return x
+
+
+def any_rank(flag, device):
+    """Whether flag holds on any rank, on every rank: a collective, so every rank calls it at the same step."""
+    return bool(flag) if world_size() == 1 else bool(all_reduce_sum(torch.tensor([float(bool(flag))], device=device)) > 0)
 
 
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -1054,11 +1041,10 @@ def eval_batches(dataset, size, batch_size, workers):
 
 @torch.no_grad()
 def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features", dtype=None, row_tau=0.1):
-    """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], per head (lists of [N])
-    the predicted class and its probability (the row softmax at row_tau, as in the loss), labels [N] and the
-    dataset index of each row [N] (unreadable files have none), all on the CPU. The backbone runs in float32 as in
-    the authors' evaluation, or under autocast to dtype (e.g. torch.bfloat16: faster on a GPU, slightly different
-    features); the projection and the heads always in float32 (see SelfClassifier.embed / classify)."""
+    """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], per head (lists of [N]) the
+    predicted class and its probability (the row softmax at row_tau, as in the loss), labels [N] and the dataset index
+    of each row [N] (unreadable files have none), all on the CPU. The backbone runs in float32 as the authors'
+    evaluation, or under autocast to dtype (torch.bfloat16: faster on a GPU, slightly different features)."""
     was_training = model.training
     model.eval()
     out = dict(backbone=[], embedding=[], predictions=[[] for _ in model.heads], probabilities=[[] for _ in model.heads],
@@ -1084,7 +1070,7 @@ def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what=
 
 
 # =====================================================================================================
-# Monitors: collapse (every log line) and the test split (epoch ends)
+# Collapse monitors (every log line; the test-split monitors are Training.monitor, at epoch ends)
 # =====================================================================================================
 class Monitor:
     """Collapse monitors per head: predicted class counts over the epoch, summed over ranks, of the second global
@@ -1103,42 +1089,20 @@ class Monitor:
             self.counts[head] += self.last_batch[head]
 
     def summary(self):
-        """{C: (classes used in the last batch, in the epoch so far, entropy of class sizes, ln C)}."""
+        """{C: classes used in the last batch and in the epoch so far, entropy of the class sizes, and ln C (its maximum)}."""
         out = {}
         for batch, counts in zip(self.last_batch, self.counts):
             batch, counts = all_reduce_sum(batch.clone()), all_reduce_sum(counts.clone())
             p = counts.double() / counts.sum().clamp_min(1)
-            entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-            out[len(counts)] = (int((batch > 0).sum()), int((counts > 0).sum()), entropy, math.log(len(counts)))
+            out[len(counts)] = dict(batch_classes=int((batch > 0).sum()), epoch_classes=int((counts > 0).sum()),
+                                    entropy=float(-(p[p > 0] * p[p > 0].log()).sum()), log_c=math.log(len(counts)))
         return out
 
 
-def evaluate_during_training(model, train_set, eval_set, cfg, device, epoch, step, log, heads=True, knn=False, dtype=None):
-    """Monitors on the evaluation split, without augmentation, the backbone in the training precision dtype. heads:
-    NMI / ACC / ARI of the head(s) whose C equals the number of true classes. knn: is the representation improving?
-    Top-1 of a weighted kNN (k = 20) on backbone features, the labelled training images as neighbours."""
-    test = extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "test features", dtype)
-    for c, pred in zip(cfg.num_classes, test["predictions"]):
-        if heads and c == len(eval_set.classes):
-            m = cluster_metrics(test["labels"].numpy(), pred.numpy())
-            log(dict(event="eval", epoch=epoch, step=step, head=c, **m),
-                f"epoch {epoch} eval head C{c}: NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
-    if knn:
-        train = extract(model, train_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "kNN training features", dtype)
-        labelled = train["labels"] >= 0
-        top1 = knn_accuracy(train["backbone"][labelled], train["labels"][labelled], test["backbone"], test["labels"],
-                            k=min(20, int(labelled.sum())), device=device)["top1"]
-        log(dict(event="knn", epoch=epoch, step=step, k=20, top1=top1), f"epoch {epoch} kNN (k=20, backbone features) top-1 {100 * top1:.1f}")
-
-
-
-
 class Batches:
-    """One epoch of training batches for this rank: (views list, labels [B], indices [B]) on the device.
-
-    The order comes from DistributedSampler (seeded by run seed and epoch, one shard per rank), and each
-    batch's augmentation from a seed derived from (run seed, epoch, sample or step): an epoch can be resumed
-    from any step and gives the same batches."""
+    """One epoch of training batches for this rank: (views list, labels [B], indices [B]) on the device. The order
+    comes from DistributedSampler (seeded by run seed and epoch, one shard per rank), each batch's augmentation from a
+    seed derived from (run seed, epoch, sample or step): an epoch resumed at any step gives the same batches."""
 
     def __init__(self, dataset, cfg, specs, device, epoch, start_step, steps):
         sampler = torch.utils.data.DistributedSampler(range(len(dataset)), num_replicas=world_size(), rank=rank(),
@@ -1182,8 +1146,6 @@ def use_batch_aug(cfg, dataset):
     return cfg.batch_aug == "on" or (cfg.batch_aug == "auto" and in_memory)
 
 
-
-
 # =====================================================================================================
 # Training loop
 # =====================================================================================================
@@ -1204,8 +1166,7 @@ def autocast_dtype(precision, device):
 
 class Training:
     """One run: built from a Config, resumed from OUT_DIR/ckpt.pt when it belongs to this run, trained epoch by epoch
-    with its logs, checkpoints and monitors. With --minutes, the schedule's length is planned from the pace measured
-    in the first steps (plan_budget) and stored in the checkpoint, so a resumed run keeps it."""
+    with its logs, checkpoints and monitors; with --minutes, to the schedule plan_budget fixes (kept on resume)."""
 
     def __init__(self, cfg, started=None):
         self.cfg, self.started = cfg, started or time.time()
@@ -1400,7 +1361,7 @@ class Training:
                 interval = dict(start=time.time(), wait=0.0, images=0, agree=[])
             if time.time() - self.last_save_time > 60 * cfg.save_every_min:
                 self.checkpoint()
-            if (world_size() == 1 or self.step % cfg.log_every == 0) and self.stop_requested():  # same step on all ranks
+            if (world_size() == 1 or self.step % cfg.log_every == 0) and any_rank(self.interrupted, self.device):  # DDP: a sync
                 self.checkpoint()
                 self.log(dict(event="interrupted", step=self.step), f"interrupted: saved {self.ckpt_path} at step {self.step}")
                 raise SystemExit(130)
@@ -1412,25 +1373,19 @@ class Training:
             every = self.schedule or self.default_cadences()
             self.monitor(epoch, *(bool(e) and ((epoch + 1) % e == 0 or final) for e in (every["eval_every"], every["knn_every"])))
 
-    def stop_requested(self):  # one process: a plain check; DDP: all ranks agree (a sync, so only at log steps)
-        if world_size() == 1:
-            return bool(self.interrupted)
-        return bool(all_reduce_sum(torch.tensor([float(bool(self.interrupted))], device=self.device)) > 0)
-
     def log_interval(self, epoch, lr, monitor, interval):
         losses = self.check_losses()
         loss_mean = all_reduce_sum(torch.tensor([sum(losses) / len(losses)], device=self.device)) / world_size()
         elapsed = time.time() - interval["start"]
-        heads = monitor.summary()
         record = dict(event="train", epoch=epoch, step=self.step, loss=float(loss_mean), lr=lr,  # mean over ranks
-                      images_per_s=interval["images"] / elapsed, data_wait=interval["wait"] / elapsed,
-                      heads={c: dict(batch_classes=b, epoch_classes=e, entropy=h, log_c=lc) for c, (b, e, h, lc) in heads.items()})
+                      images_per_s=interval["images"] / elapsed, data_wait=interval["wait"] / elapsed, heads=monitor.summary())
         same_label, labelled = torch.stack(interval["agree"]).sum(0).tolist() if interval["agree"] else (0, 0)
         if labelled:
             record["nn_label_agreement"] = same_label / labelled
         self.log(record, f"epoch {epoch} step {self.step}/{self.total_steps} loss {record['loss']:.4f} lr {lr:.4g} "
                          f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% | "
-                         + " ".join(f"C{c}: {e}/{c} used (batch {b}), H {h:.2f}/{lc:.2f}" for c, (b, e, h, lc) in heads.items())
+                         + " ".join(f"C{c}: {h['epoch_classes']}/{c} used (batch {h['batch_classes']}), H {h['entropy']:.2f}/"
+                                    f"{h['log_c']:.2f}" for c, h in record["heads"].items())
                          + (f" | NN same label {record['nn_label_agreement']:.2f}" if labelled else ""))
 
     def monitor(self, epoch, heads, knn):
@@ -1438,10 +1393,29 @@ class Training:
         for what, due in (("heads", heads), ("knn", knn)):
             if due and self.is_main and self.eval_labelled:
                 started = time.time()
-                evaluate_during_training(self.raw_model, self.train_set, self.eval_set, self.cfg, self.device, epoch,
-                                         self.step, self.log, heads=what == "heads", knn=what == "knn", dtype=self.dtype)
+                self.evaluate(epoch, what)
                 self.costs[what] = time.time() - started
                 self.overhead += self.costs[what]
+
+    def evaluate(self, epoch, what):
+        """One monitor on the test split, without augmentation, the backbone in the training precision. heads: NMI / ACC
+        / ARI of the head(s) whose C is the number of true classes. knn: is the representation improving? Top-1 of a
+        weighted kNN (k = 20) on backbone features, the labelled training images as neighbours."""
+        cfg, model, step = self.cfg, self.raw_model, self.step
+        test = extract(model, self.eval_set, cfg.global_size, cfg.batch_size, cfg.workers, self.device, "test features", self.dtype)
+        for c, predicted in zip(cfg.num_classes, test["predictions"]):
+            if what == "heads" and c == len(self.eval_set.classes):
+                m = cluster_metrics(test["labels"].numpy(), predicted.numpy())
+                self.log(dict(event="eval", epoch=epoch, step=step, head=c, **m),
+                         f"epoch {epoch} eval head C{c}: NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
+        if what == "knn":
+            train = extract(model, self.train_set, cfg.global_size, cfg.batch_size, cfg.workers, self.device,
+                            "kNN training features", self.dtype)
+            labelled = train["labels"] >= 0
+            top1 = knn_accuracy(train["backbone"][labelled], train["labels"][labelled], test["backbone"], test["labels"],
+                                k=min(20, int(labelled.sum())), device=self.device)["top1"]
+            self.log(dict(event="knn", epoch=epoch, step=step, k=20, top1=top1),
+                     f"epoch {epoch} kNN (k=20, backbone features) top-1 {100 * top1:.1f}")
 
     def pace(self, warmup_steps):
         """--minutes: time the steps after the first PACE_WARMUP_STEPS, then plan the budget after at least 10 timed
@@ -1455,9 +1429,7 @@ class Training:
             return
         timed = time.time() - self.pace_start[0] - (self.overhead - self.pace_start[1])
         ready = timed >= 0.02 * 60 * self.cfg.minutes or self.step + 1 >= warmup_steps or self.step + 1 >= self.last_step
-        if world_size() > 1:  # every rank plans at the same step (rank 0's plan is broadcast): a sync per step, until then
-            ready = bool(all_reduce_sum(torch.tensor([float(ready)], device=self.device)) > 0)
-        if ready:
+        if any_rank(ready, self.device):  # every rank plans at the same step (DDP: a sync per step until then)
             self.plan_budget(timed / (self.step - self.pace_start[2]), warmup_steps)
 
     def plan_budget(self, step_time, warmup_steps):
@@ -1501,8 +1473,7 @@ class Training:
 
 
 def train(cfg, started=None):
-    """Train (or resume) the run cfg describes; returns the unwrapped model. started: when the budget's clock started
-    (default: now)."""
+    """Train (or resume) the run cfg describes; returns the unwrapped model. started: the budget's clock (default: now)."""
     return Training(cfg, started).run()
 
 
