@@ -1113,7 +1113,7 @@ class Batches:
         self.seed = (cfg.seed, epoch, rank())
         self.on_device = use_batch_aug(cfg, dataset)
         if self.on_device:
-            self.images, self.labels = dataset.images, dataset.labels  # already on the device (see train)
+            self.images, self.labels = dataset.images, dataset.labels  # already on the device (Training.build_data)
             self.order = order.to(device)  # one copy per epoch, not one per step
         else:
             epoch_seed = derive_seed(cfg.seed, epoch)

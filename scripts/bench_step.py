@@ -39,7 +39,7 @@ def load_config(sc, argv):
 
 
 def load_training_images(sc, cfg, device):
-    """The training split, its uint8 images and labels on the device (as train() keeps them for batched augmentation)."""
+    """The training split, its uint8 images and labels on the device (as Training.build_data keeps them for batched augmentation)."""
     train_set = sc.load_split(cfg, train=True)
     if not hasattr(train_set, "images"):
         raise SystemExit("error: the benchmark needs an in-memory dataset (cifar10/100, stl10, synthetic, or an image "
@@ -49,13 +49,13 @@ def load_training_images(sc, cfg, device):
 
 
 class Trainer:
-    """One batch size's model, optimizer and real batch source, set up as selfclassifier.train() sets them up."""
+    """One batch size's model, optimizer and real batch source, set up as selfclassifier.Training.build_model sets them up."""
 
     def __init__(self, sc, cfg, train_set, device, compile_backbone):
         self.sc, self.cfg, self.train_set, self.device = sc, cfg, train_set, device
         self.specs = sc.view_specs(cfg)
         self.view_sizes = [spec.size for spec in self.specs]
-        pixels = train_set.images[:10000].float() / 255  # the per-channel statistics train() normalises with
+        pixels = train_set.images[:10000].float() / 255  # the per-channel statistics Training.build_model normalises with
         model = sc.build_model(cfg, pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
