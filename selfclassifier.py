@@ -232,8 +232,7 @@ class SelfClassifier(nn.Module):
         return self.backbone((images - self.pixel_mean) / self.pixel_std)
 
     def embed(self, features):
-        """Projection MLP, l2-normalised, in the parameters' float32 even under autocast: [B, feature_dim] ->
-        [B, embed_dim]."""
+        """Projection MLP, l2-normalised, in float32 even under autocast: [B, feature_dim] -> [B, embed_dim]."""
         with torch.autocast(features.device.type, enabled=False):
             features = features.to(self.projector[0].weight.dtype)
             return F.normalize(self.projector(features), dim=1, eps=1e-7)  # the authors' eps
@@ -296,8 +295,7 @@ def self_classifier_loss(view_logits, row_tau=0.1, col_tau=0.05, num_global=2, e
     computed here for all pairs at once as one [V, V] matrix of l(i, j) (one einsum instead of V^2 small ones).
     No stop-gradient: the target is differentiated too. Computed in float32 even under autocast. eps = 1e-12 is
     the authors' default: once logits reach about 3, eps = 1e-8 changes the loss by ~25 % and the gradient by
-    more than 100 % (column-softmax masses of a sample fall below 1e-8).
-    """
+    more than 100 % (column-softmax masses of a sample fall below 1e-8)."""
     logits = torch.stack(view_logits, 1)                                        # [B, V, C]: all views at once
     logits, rows = gather(logits.to(torch.promote_types(logits.dtype, torch.float32)))  # [N, V, C], >= float32
     N, V, C = logits.shape
@@ -357,8 +355,7 @@ class LARS(torch.optim.Optimizer):
         d = (g + weight_decay * w) * local_lr;   buf = momentum * buf + d;   w -= lr * buf
 
     A parameter or gradient of norm zero gets d = g (apex then applies no weight decay either). Groups with
-    lars=False (e.g. biases and norm parameters, DINO's choice) get plain SGD with momentum instead.
-    """
+    lars=False (e.g. biases and norm parameters, DINO's choice) get plain SGD with momentum instead."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False, eps=1e-8):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -511,9 +508,8 @@ def per_image_transform(spec):
 
 
 class PerImageViews(torch.utils.data.Dataset):
-    """dataset[(index, epoch_seed)] -> (list of views, label, index). Each sample's augmentation is seeded from
-    (epoch seed, index) in the worker, a pure function of (run seed, epoch, index): any number of workers and a
-    mid-epoch resume give the same views."""
+    """dataset[(index, epoch_seed)] -> (list of views, label, index). Each sample's augmentation is seeded in the worker
+    from (epoch seed, index), a pure function of (run seed, epoch, index): any worker count or mid-epoch resume agrees."""
 
     def __init__(self, dataset, specs):
         self.dataset, self.transforms = dataset, [per_image_transform(s) for s in specs]
@@ -982,8 +978,7 @@ RUN_KEYS = ("dataset", "data", "batch_size", "world_size", "epochs", "minutes", 
 
 
 def load_checkpoint(path):
-    """Load one of our checkpoints, or one of the authors' (converted: eval_clustering.from_authors_checkpoint), onto
-    the CPU; UserError if neither."""
+    """Our checkpoint, or the authors' (via eval_clustering.from_authors_checkpoint), loaded onto the CPU; else UserError."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -1119,9 +1114,8 @@ class Batches:
             epoch_seed = derive_seed(cfg.seed, epoch)
             keys = [(i, epoch_seed) for i in order[start_step:].flatten().tolist()]
             self.loader = torch.utils.data.DataLoader(
-                PerImageViews(dataset, specs), batch_size=cfg.batch_size, sampler=keys, drop_last=True,
-                num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                prefetch_factor=4 if cfg.workers else None)
+                PerImageViews(dataset, specs), batch_size=cfg.batch_size, sampler=keys, drop_last=True, num_workers=cfg.workers,
+                pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
 
     def __iter__(self):
         if self.on_device:
