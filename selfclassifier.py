@@ -1344,7 +1344,7 @@ class Training:
                                                   index, self.queue, cfg, self.dtype, neighbour_swap=swap)
             if agree is not None:
                 interval["agree"].append(agree)
-            monitor.update([[s.detach() for s in view_logits] for view_logits in head_logits])
+            monitor.update(head_logits)  # argmaxes only: no gradient to detach
             self.pending_losses.append((self.step, loss))
             self.step += 1
             interval["images"] += self.global_batch

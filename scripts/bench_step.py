@@ -81,7 +81,7 @@ class Trainer:
     def step(self, views, labels, index):
         _, logits, _ = self.sc.train_step(self.model, self.raw_model, self.optimizer, self.scaler, views, labels, index,
                                           None, self.cfg, self.dtype)
-        self.monitor.update([[s.detach() for s in head] for head in logits])  # train() updates it every step too
+        self.monitor.update(logits)  # Training.train_epoch updates it every step too
 
     def augment(self, seed):
         index = torch.randint(len(self.train_set), (self.cfg.batch_size,), device=self.device)
