@@ -1048,6 +1048,7 @@ def gloo_rank(rank, world, init_file, out_dir):
         ddp_steps(rank, world, out_dir, MUTANTS)
         batchnorm_in_groups(rank, out_dir)
         loss_with_a_process_group(rank, out_dir)
+        budget_plan_on_both_ranks(rank, out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -1132,6 +1133,24 @@ def test_the_loss_gathers_only_when_given_a_gather(two_ranks):
     for r in range(2):
         saved = torch.load(two_ranks / f"loss-rank{r}.pt")
         torch.testing.assert_close(saved["loss"].double(), reference_loss(saved["logits"], 0.1, 0.05, 2), rtol=1e-5, atol=0)
+
+
+def budget_plan_on_both_ranks(rank, out_dir):
+    """Training.pace on a stand-in run where only rank 1 has timed enough steps to plan (its clock started 100 s ago,
+    rank 0's now): with --minutes 10, 2 % of the budget is 12 s."""
+    import types
+    run = types.SimpleNamespace(step=20, first_step=0, overhead=0.0, cfg=types.SimpleNamespace(minutes=10.0),
+                                last_step=1000, device=torch.device("cpu"), planned=[],
+                                pace_start=(time.time() - (100.0 if rank == 1 else 0.0), 0.0, 5))
+    run.plan_budget = lambda step_time, warmup_steps: run.planned.append(run.step)
+    sc.Training.pace(run, warmup_steps=500)
+    torch.save(run.planned, Path(out_dir) / f"planned-rank{rank}.pt")
+
+
+def test_under_torchrun_every_rank_plans_the_budget_at_the_same_step(two_ranks):
+    """Rank 0's plan is broadcast to every rank, so every rank must enter plan_budget at the same step, even when the
+    ranks' clocks disagree on whether enough time has been measured (a rank that planned alone would wait forever)."""
+    assert [torch.load(two_ranks / f"planned-rank{r}.pt") for r in range(2)] == [[20], [20]]
 
 
 # =====================================================================================================
