@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The first CIFAR-10 sweep for a lent GPU (one command of about 9 minutes): the step's throughput for batch 512,
-# 1024 and 2048, then six variants at once, each trained to the same time budget and scored, one ranked table.
+# The first CIFAR-10 sweep for a lent GPU, one command planned to end inside 10 minutes (not yet run on a GPU): the
+# step's throughput for batch 512, 1024 and 2048, then six variants at once, each trained to the same time budget and
+# scored, one ranked table.
 #
 #     bash scripts/gpu_sweep1.sh [TARBALL_DIR] [MINUTES]
 #
