@@ -920,7 +920,7 @@ def predict(args):
     model, cfg = load_model_and_config(args)
     root, size = Path(args.predict), args.image_size or cfg.global_size
     images = sc.load_image_folder(root, cfg.in_memory_max_size, args.workers, labelled=False)
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+    dtype = sc.autocast_dtype(args.precision, torch.device(args.device))  # fp32: None, bf16: autocast
     out = sc.extract(model.to(args.device), images, size, args.batch_size, args.workers, args.device, "predictions",
                      dtype, cfg.row_tau)
     paths = [images.paths[i] if isinstance(images, sc.ImageArray) else images.samples[i][0] for i in out["index"].tolist()]
@@ -979,7 +979,7 @@ def evaluate(args):
         to_superclass, class_names = read_class_map(args.class_map, class_names)
     elif cfg.dataset == "cifar100" and not args.cifar100_fine:
         to_superclass, class_names = CIFAR100_SUPERCLASS, [f"superclass{i}" for i in range(20)]
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+    dtype = sc.autocast_dtype(args.precision, torch.device(args.device))  # fp32: None, bf16: autocast
     ev = sc.extract(model, eval_set, size, args.batch_size, args.workers, args.device, "evaluation-split features", dtype)
     labels = ev["labels"].numpy()
     if (labels < 0).any():
