@@ -331,7 +331,7 @@ def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds, l2_nor
         if train_fraction < 1:  # a random subset per seed
             subset = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(seed))
             fit_on = train_features[subset[:max(k, round(train_fraction * len(train_features)))]]
-        _, centroids = kmeans(fit_on, k, n_init=n_init, seed=seed, device=device or input_device(fit_on))
+        _, centroids = kmeans(fit_on, k, n_init=n_init, seed=seed, device=device)  # default: where fit_on is
         pred = assign(eval_features, (eval_features ** 2).sum(1), centroids, 1 << 14)[0]
         runs.append(cluster_metrics(np.asarray(eval_labels), pred.numpy()))
         if progress:
