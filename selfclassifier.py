@@ -387,7 +387,10 @@ class LARS(torch.optim.Optimizer):
                 factor = torch.where((w_norm > 0) & (g_norm > 0), local_lr, (g_norm > 0).to(local_lr.dtype))
                 d = torch._foreach_add(grads, params, alpha=wd)
                 torch._foreach_mul_(d, list(factor.to(d[0].dtype).unbind()))
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            for p in params:  # zeros only for a new buffer: creating them every step would cost a launch each
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(bufs, group["momentum"])  # a new buffer: 0 * momentum + d = d
             torch._foreach_add_(bufs, d)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
