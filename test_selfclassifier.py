@@ -571,7 +571,7 @@ def test_a_lars_step_launches_as_many_operations_for_10_parameters_as_for_100():
             optimizer.step()
         return ops.count
 
-    assert ops_of_second_step(100) == ops_of_second_step(10) < 40
+    assert ops_of_second_step(100) == ops_of_second_step(10) < 50
 
 
 def test_lars_exclude_1d_gives_biases_and_norms_plain_sgd_without_decay():
