@@ -10,8 +10,9 @@
 #   epochs than a run alone would: the table ranks recipes at equal cost, it does not report the recipe's best.
 # The variants are the levers with the largest expected effect (issue "CIFAR-10 in ten minutes"): the authors' lr
 #   rule (0.3 x 512 / 256 = 0.6), solo-learn's crop scale and colour strength, the queue started halfway, batch 1024,
-#   and solo-learn's CIFAR recipe for SwAV as a whole (its crops, colour, LARS with eta 0.02, clipping and 1-D
-#   parameters excluded, weight decay 1e-6, lr 0.6 per 256 images), since its parts may only help together.
+#   and solo-learn's CIFAR settings for SwAV together, since its parts may only help together: its crop scale,
+#   colour, LARS (eta 0.02, clipping, 1-D parameters excluded), weight decay 1e-6 and lr 0.6 per 256 images (1.2 at
+#   batch 512: our linear scaling); the blur, solarisation and local crops stay ours.
 # With OUT set (the GPU machine), the table and every variant's log and scores are copied there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +40,5 @@ python scripts/sweep.py --out-dir "$SWEEP_DIR" --minutes "$MINUTES" \
     --variant "colour0.8=--jitter 0.8 0.8 0.8 0.2" \
     --variant "queue-half=--queue-len 8192 --queue-start 0.5" \
     --variant "batch1024=--batch-size 1024" \
-    --variant "solo-learn=--global-scale 0.08 1 --jitter 0.8 0.8 0.8 0.2 --lars-clip --lars-trust 0.02 --lars-exclude-1d --weight-decay 1e-6 --lr 1.2 --warmup-lr 0.12 --final-lr 0.0012"
+    --variant "solo-learn=--global-scale 0.08 1 --jitter 0.8 0.8 0.8 0.2 --lars-clip --lars-trust 0.02 \
+--lars-exclude-1d --weight-decay 1e-6 --lr 1.2 --warmup-lr 0.12 --final-lr 0.0012"
