@@ -181,20 +181,21 @@ def superclass_accuracy(y_fine, y_pred, to_superclass):
     return float(((predicted >= 0) & (to_superclass[predicted.clip(0)] == to_superclass[y_fine])).mean())
 
 
-def cluster_metrics(y_true, y_pred):
+def cluster_metrics(y_true, y_pred, num_clusters=None):
     """NMI, AMI, ARI, ACC of predicted clusters against true classes. The values of scikit-learn's
     normalized_mutual_info_score, adjusted_mutual_info_score, adjusted_rand_score (arithmetic-mean normalisation),
     and exactly 1 for one partition under two namings; empty or non-integer labels are refused (ValueError), where
     scikit-learn scores empty labelings 1 and accepts integer-valued floats. With more clusters than classes also
     acc_majority (every cluster -> its majority class) and acc_hungarian_majority (the authors' protocol: one-to-one
-    matching, then majority for the rest)."""
+    matching, then majority for the rest). num_clusters: how many clusters the predictor has (a head's C, k-means'
+    k), so that an over-clustering head that used only a few of them still gets those two; default: those used."""
     y_true, y_pred = check_labels(y_true, y_pred)
     cont = contingency_matrix(y_true, y_pred)
     n = len(y_true)
-    num_classes, num_clusters = cont.shape
-    if num_classes == num_clusters == np.count_nonzero(cont):  # one partition under two namings (one cluster
+    num_classes, num_clusters_used = cont.shape
+    if num_classes == num_clusters_used == np.count_nonzero(cont):  # one partition under two namings (one cluster
         nmi = ami = 1.0  # included): exactly 1, where MI and entropy, computed apart, differ in their last bits
-    elif num_classes == 1 or num_clusters == 1:  # one labeling carries no information
+    elif num_classes == 1 or num_clusters_used == 1:  # one labeling carries no information
         nmi = ami = 0.0
     else:
         mi = mutual_info(cont)
@@ -206,7 +207,7 @@ def cluster_metrics(y_true, y_pred):
         numerator, denominator = (min(v, -eps) if v < 0 else max(v, eps) for v in (mi - emi, h_mean - emi))
         ami = numerator / denominator
     scores = dict(nmi=float(nmi), ami=float(ami), ari=adjusted_rand_index(cont), acc=hungarian_accuracy(cont)[0])
-    if num_clusters > num_classes:
+    if max(num_clusters or 0, num_clusters_used) > num_classes:
         scores["acc_majority"] = float(cont.max(0).sum() / n)
         scores["acc_hungarian_majority"] = hungarian_majority_accuracy(y_true, y_pred)
     return scores
@@ -333,7 +334,7 @@ def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds, l2_nor
             fit_on = train_features[subset[:max(k, round(train_fraction * len(train_features)))]]
         _, centroids = kmeans(fit_on, k, n_init=n_init, seed=seed, device=device)  # default: where fit_on is
         pred = assign(eval_features, (eval_features ** 2).sum(1), centroids, 1 << 14)[0]
-        runs.append(cluster_metrics(np.asarray(eval_labels), pred.numpy()))
+        runs.append(cluster_metrics(np.asarray(eval_labels), pred.numpy(), num_clusters=k))
         if progress:
             progress(done)
     return runs
@@ -990,7 +991,7 @@ def evaluate(args):
     num_true = len(np.unique(labels))
     rows = {}
     for c, pred in zip(cfg.num_classes, ev["predictions"]):
-        rows[f"head C={c}"] = cluster_metrics(labels, pred.numpy())
+        rows[f"head C={c}"] = cluster_metrics(labels, pred.numpy(), num_clusters=c)
         if to_superclass is not None:  # the authors' superclass ACC beside ours
             rows[f"head C={c}"]["acc_via_fine_classes"] = superclass_accuracy(fine_labels, pred.numpy(), to_superclass)
     if args.kmeans_seeds > 0 or args.knn or args.linear_probe:

@@ -1287,6 +1287,11 @@ def test_overclustering_accuracy_equals_the_authors_protocol():
         assert math.isclose(scores["acc_hungarian_majority"], authors_overclustering_accuracy(y_true, y_pred)), trial
         assert scores["acc"] <= scores["acc_hungarian_majority"] <= scores["acc_majority"]
     assert "acc_hungarian_majority" not in ec.cluster_metrics([0, 1, 1], [1, 0, 0])
+    # an over-clustering head (C = 4) that used only two clusters still gets its over-clustering scores
+    y_true, y_pred = np.array([0, 1, 1, 2]), np.array([1, 0, 0, 0])
+    partly_used = ec.cluster_metrics(y_true, y_pred, num_clusters=4)
+    assert partly_used["acc_hungarian_majority"] == authors_overclustering_accuracy(y_true, y_pred) == 0.75
+    assert partly_used["acc_majority"] == 0.75
     # Cluster ids nobody predicted are rows of their matrix on which a class can be parked, freeing a real cluster
     # for its majority class: 4/5 here, where matching the predicted clusters alone gives 3/5.
     assert ec.cluster_metrics([1, 1, 1, 0, 1], [5, 1, 3, 3, 3])["acc_hungarian_majority"] == 0.8
@@ -1714,8 +1719,11 @@ def test_bad_input_one_line_value_error(function, changes, message):
 # =====================================================================================================
 # eval_clustering: command line
 # =====================================================================================================
-def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, capsys):
+def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, capsys, monkeypatch):
     out_json, grid_dir = tmp_path / "scores.json", tmp_path / "grids"
+    told_sizes = []  # each head and k-means tells its number of clusters (over-clustering scores even if few are used)
+    score = ec.cluster_metrics
+    monkeypatch.setattr(ec, "cluster_metrics", lambda *a, **kw: told_sizes.append(kw.get("num_clusters")) or score(*a, **kw))
     rows = ec.main(["--checkpoint", str(trained / "ckpt.pt"), "--kmeans-seeds", "2", "--json", str(out_json),
                     "--grid-dir", str(grid_dir), "--workers", "0", "--device", "cpu"])
     table = capsys.readouterr().out
@@ -1728,6 +1736,7 @@ def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, cap
     assert saved["kNN k=200 (backbone)"]["top1"] > 0.5 and saved["linear probe (backbone)"]["top1"] > 0.5  # chance 0.1
     assert saved["head C=20"]["acc"] <= saved["head C=20"]["acc_hungarian_majority"] <= saved["head C=20"]["acc_majority"]
     assert 7 <= len(list(grid_dir.glob("*.png"))) <= 10  # one per matched class the 10-class head predicts
+    assert told_sizes == [10, 20] + [10] * 4  # the heads, then k-means on two features with two seeds
 
 
 def test_training_curves_are_drawn_where_their_values_are(tmp_path):
