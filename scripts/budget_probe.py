@@ -29,6 +29,7 @@ for run in range(args.runs):
         ends.append(time.time() - started)
         (plan,), _ = budget_run_records(pathlib.Path(out_dir))
     print(f"run {run}: planned at step {plan['planned_at_step']} after {plan['elapsed']:.2f} s, "
-          f"{plan['total_steps']} steps, ended after {ends[-1]:.2f} s", flush=True)
+          f"{plan['total_steps']} steps, ended after {ends[-1]:.2f} s; one pass of the heads monitor "
+          f"{plan['costs']['heads']:.2f} s, of the kNN monitor {plan['costs']['knn']:.2f} s", flush=True)
 print(f"budget {60 * args.minutes:.0f} s, pace margin {args.pace_margin:g}: {len(ends)} runs ended in "
       f"{min(ends):.1f} to {max(ends):.1f} s, {sum(e > 60 * args.minutes for e in ends)} over")
