@@ -7,7 +7,7 @@ paper Eq. 4-5) rules out the trivial solution, so no pseudo-labels, k-means, mom
 stop-gradient are needed.
 
 Run (README.md has the measured numbers):
-    # CPU smoke run (28 to 100 s measured on 2 CPU cores, README.md) on an offline synthetic dataset with known labels
+    # CPU smoke run (28 to 102 s measured on 2 CPU cores, README.md) on an offline synthetic dataset with known labels
     python selfclassifier.py --dataset synthetic --stem imagenet --epochs 4 --batch-size 128 --hidden-dim 512 \
         --num-classes 10 20 --warmup-epochs 1 --local-crops 0 --lr 1.0
     # CIFAR-10 on one GPU, trained to a wall-clock budget of 10 minutes (training and its final monitors)
