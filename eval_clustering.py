@@ -12,18 +12,13 @@ accuracy after the best one-to-one matching of clusters to classes (Hungarian al
 than classes, acc_majority maps each cluster to its most frequent class and acc_hungarian_majority is the
 authors' variant as their code computes it (matching first, majority for the clusters left over).
 superclass_accuracy is the authors' superclass ACC (clusters matched to fine classes, scored on their superclasses).
-from_authors_checkpoint reads the authors' released checkpoints as this project's.
-
 The functions above the command-line section import nothing from selfclassifier.py; only the command line,
-which needs the model and the data, does.
+which needs the model and the data, does (selfclassifier.py imports this file's metrics only while it trains).
 """
 import argparse
 import json
 import math
-import pickle
-import re
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -698,73 +693,6 @@ def plot_training_log(log_path, png_path=None, width=960, panel_height=230):
 
 
 # =====================================================================================================
-# The authors' released checkpoints, read without their source code (selfclassifier.load_checkpoint uses these)
-# =====================================================================================================
-class StandIn:
-    """What an object of a class that cannot be imported here unpickles to: its pickled state, inert. The authors'
-    train.py stores its nearest-neighbour queue (their utils.NNQueue) in every checkpoint, which would otherwise
-    make their checkpoints unreadable outside their source folder."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class CheckpointUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return StandIn
-
-
-checkpoint_pickle = types.SimpleNamespace(__name__="checkpoint_pickle", Unpickler=CheckpointUnpickler,
-                                          load=lambda file, **kwargs: CheckpointUnpickler(file, **kwargs).load())
-
-
-def is_authors_checkpoint(state):
-    """The authors' train.py saves {'state_dict': {'module.mlp_head...': ...}, 'args': ..., ...}."""
-    return isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and any("mlp_head." in k for k in state["state_dict"])
-
-
-def from_authors_checkpoint(state):
-    """The authors' released checkpoints (github elad-amrani/self-classifier) as one of ours: their state_dict
-    keys module.backbone.* (torchvision ResNet), module.mlp_head.mlp.{0,1,3}.* (Linear, BatchNorm1d, LeakyReLU,
-    Linear) and module.cls_{i}.weight_g / weight_v (old-style weight norm) renamed to this model's, and the
-    config read off the tensor shapes. Their images were normalised with the ImageNet mean and std. ValueError when
-    the projection or the backbone is not this project's."""
-    weights = dict(pixel_mean=torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
-                   pixel_std=torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-    projection_layers = set()
-    for key, value in state["state_dict"].items():
-        key = key.removeprefix("module.")  # their DistributedDataParallel's
-        head = re.fullmatch(r"cls_(\d+)\.weight_([gv])", key)
-        if key.startswith("backbone.") and not key.startswith("backbone.fc."):
-            weights[key] = value
-        elif key.startswith("mlp_head.mlp."):
-            projection_layers.add(int(key.split(".")[2]))
-            weights["projector." + key.removeprefix("mlp_head.mlp.")] = value
-        elif head:
-            weights[f"heads.{head[1]}.parametrizations.weight.original{dict(g=0, v=1)[head[2]]}"] = value
-    args = vars(state["args"]) if hasattr(state.get("args"), "__dict__") else state.get("args") or {}
-    if projection_layers != {0, 1, 3} or args.get("no_leaky"):
-        raise ValueError(f"this model's projection is Linear-BatchNorm-LeakyReLU-Linear (the authors' "
-                         f"--num-hidden 2 --use-bn); this checkpoint's has layers {sorted(projection_layers)}")
-    layer3 = {k.split(".")[2] for k in weights if k.startswith("backbone.layer3.")}
-    arch = "resnet50" if "backbone.layer1.0.conv3.weight" in weights else {2: "resnet18", 6: "resnet34"}.get(len(layer3))
-    if arch is None or "backbone.conv1.weight" not in weights:
-        raise ValueError("the backbone is not a torchvision ResNet-18/34/50")
-    heads = sorted(int(k.split(".")[1]) for k in weights if k.startswith("heads.") and k.endswith("original1"))
-    config = dict(arch=arch, stem="imagenet" if weights["backbone.conv1.weight"].shape[-1] == 7 else "cifar",
-                  global_size=224, dataset="imagefolder", hidden_dim=weights["projector.0.weight"].shape[0],
-                  embed_dim=weights["projector.3.weight"].shape[0],
-                  num_classes=[weights[f"heads.{i}.parametrizations.weight.original1"].shape[0] for i in heads])
-    return dict(model=weights, config=config, step=0, source="authors")
-
-
-# =====================================================================================================
 # Command line
 # =====================================================================================================
 def parse_args(argv=None):
@@ -895,22 +823,24 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def save_grids(grid_dir, dataset, size, labels, predictions, class_names, per_class=16, seed=0):
-    """One PNG per matched predicted class: random evaluation images the head put into it."""
+def save_class_grids(grid_dir, dataset, size, indices, predictions, names=None, per_class=16, seed=0):
+    """One PNG per predicted class: up to per_class random images of it (dataset rows `indices`, as the evaluation
+    sees them), named by its rank by size (rank000 = the largest), its id, its size and, if given, names[id]."""
+    import selfclassifier as sc
     import torchvision
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
-    _, cluster_to_class = hungarian_accuracy(contingency_matrix(labels, predictions))
-    classes, clusters = np.unique(labels), np.unique(predictions)  # the matching's positions -> labels
     rng = np.random.default_rng(seed)
-    for position, class_index in sorted(cluster_to_class.items(), key=lambda kv: kv[1]):
-        cluster = clusters[position]
-        members = np.flatnonzero(predictions == cluster)
-        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False)
-        images = grid_images(dataset, chosen, size)
-        label = classes[class_index]
-        name = class_names[label] if label < len(class_names) else str(label)
-        torchvision.utils.save_image(images, grid_dir / f"cluster{cluster:04d}_matched-{name}.png", nrow=4, padding=1)
+    classes, counts = np.unique(predictions, return_counts=True)
+    for rank, k in enumerate(np.argsort(-counts, kind="stable")):
+        members = indices[predictions == classes[k]]
+        chosen = np.sort(rng.choice(members, size=min(per_class, len(members)), replace=False))
+        subset = (sc.ImageArray(dataset.images[chosen], dataset.labels[chosen], dataset.classes)
+                  if isinstance(dataset, sc.ImageArray) else torch.utils.data.Subset(dataset, chosen))
+        images = torch.cat([batch[0] for batch in sc.eval_batches(subset, size, per_class, 0)])
+        name = f"-{names[classes[k]]}" if names and classes[k] in names else ""
+        path = grid_dir / f"rank{rank:03d}_class{classes[k]}_n{counts[k]}{name}.png"
+        torchvision.utils.save_image(images, path, nrow=4, padding=1)
 
 
 def predict(args):
@@ -939,30 +869,8 @@ def predict(args):
         print(f"head C={c}: {int((sizes > 0).sum())} of {c} classes used; sizes, largest first: "
               + " ".join(f"{k}:{sizes[k]}" for k in np.argsort(-sizes, kind="stable") if sizes[k]))
         if args.grid_dir:
-            save_class_grids(Path(args.grid_dir) / f"C{c}", images, out["index"].numpy(), predicted.numpy(), size)
+            save_class_grids(Path(args.grid_dir) / f"C{c}", images, size, out["index"].numpy(), predicted.numpy())
     return out, paths
-
-
-def grid_images(dataset, indices, size):
-    """Float images [n, 3, size, size] of dataset rows `indices`, as the evaluation sees them."""
-    import selfclassifier as sc
-    if isinstance(dataset, sc.ImageArray):
-        return dataset.images[indices].float() / 255
-    transform = sc.eval_transform(size)
-    return torch.stack([transform(dataset[int(i)][0]) for i in indices])
-
-
-def save_class_grids(grid_dir, dataset, indices, predictions, size, per_class=16, seed=0):
-    """One PNG per predicted class, named by its rank by size (rank000 = the largest), its id and its size."""
-    import torchvision
-    grid_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(predictions, return_counts=True)
-    for rank, k in enumerate(np.argsort(-counts, kind="stable")):
-        members = indices[predictions == classes[k]]
-        chosen = np.sort(rng.choice(members, size=min(per_class, len(members)), replace=False))
-        torchvision.utils.save_image(grid_images(dataset, chosen, size), grid_dir / f"rank{rank:03d}_class{classes[k]}_n{counts[k]}.png",
-                                     nrow=4, padding=1)
 
 
 def mean_and_std(runs):
@@ -1029,9 +937,14 @@ def evaluate(args):
     if args.json:
         Path(args.json).write_text(json.dumps(dict(source=source, dataset=cfg.dataset, images=len(labels),
                                                    num_classes=num_true, scores=rows), indent=2))
-    if args.grid_dir and cfg.num_classes:
+    if args.grid_dir and cfg.num_classes:  # the head whose C is nearest the number of classes
         head = min(range(len(cfg.num_classes)), key=lambda h: abs(cfg.num_classes[h] - num_true))
-        save_grids(args.grid_dir, eval_set, size, labels, ev["predictions"][head].numpy(), class_names)
+        predicted = ev["predictions"][head].numpy()
+        _, matched = hungarian_accuracy(contingency_matrix(labels, predicted))  # position of cluster -> of class
+        clusters, classes = np.unique(predicted), np.unique(labels)
+        names = {clusters[p]: "matched-" + (class_names[classes[c]] if classes[c] < len(class_names) else str(classes[c]))
+                 for p, c in matched.items()}
+        save_class_grids(args.grid_dir, eval_set, size, ev["index"].numpy(), predicted, names)
     return rows
 
 

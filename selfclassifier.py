@@ -1,40 +1,33 @@
 """Self-Classifier in one file: self-supervised classification, trained end to end in one stage.
 
 Amrani, Karlinsky, Bronstein, "Self-Supervised Classification Network", ECCV 2022 (arXiv 2103.10994).
-Augmented views of an image go through backbone -> projection MLP -> linear classifiers over C classes, and
-every view must predict the class of the others. A uniform prior over classes (a softmax over the *batch*,
-paper Eq. 4-5) rules out the trivial solution, so no pseudo-labels, k-means, momentum encoder or
-stop-gradient are needed.
+Augmented views of an image go through backbone -> projection MLP -> linear classifiers over C classes, and every
+view must predict the class of the others. A uniform prior over classes (a softmax over the *batch*, paper Eq. 4-5)
+rules out the trivial solution: no pseudo-labels, k-means, momentum encoder or stop-gradient.
 
-Run (README.md has the measured numbers):
-    # CPU smoke run (28 to 102 s measured on 2 CPU cores, README.md) on an offline synthetic dataset with known labels
+    # CPU smoke run on an offline synthetic dataset with known labels
     python selfclassifier.py --dataset synthetic --stem imagenet --epochs 4 --batch-size 128 --hidden-dim 512 \
         --num-classes 10 20 --warmup-epochs 1 --local-crops 0 --lr 1.0
-    # CIFAR-10 on one GPU, trained to a wall-clock budget of 10 minutes (training and its final monitors)
+    # CIFAR-10 on one GPU, trained to a wall-clock budget of 10 minutes
     python selfclassifier.py --dataset cifar10 --data ./data --download --minutes 10
     # several GPUs on one machine
     torchrun --nproc_per_node=4 selfclassifier.py --dataset cifar10 --data ./data
-    # the paper's ImageNet configuration: see README.md
 
-Measured (README.md, one H100, CIFAR-10 as JPEG files): 28 epochs trained in 344 s and evaluated in 25 s; the
-10-class head scored 46.6 % ACC / 40.2 NMI on the test split, a kNN on its features 73.1 % (code of commit 5125c5a;
-the training step was then made 2.06 times as fast with the real pipeline, 14,943 images/s, at commit 16e6078).
-
-Sections, the method first: config | model | loss | nearest-neighbour queue | LARS | schedule | one training step;
-then the machinery: augmentation | data | distributed helpers | checkpoints | monitors | training loop | main.
+Results: README.md. Sections: model | loss | nearest-neighbour queue | LARS | schedule | one training step, then the
+machinery: config | augmentation | data | distributed helpers | checkpoints | evaluation | training loop | main.
 """
-import time
-
-STARTED = time.time()  # the clock of --minutes starts here, before the imports (torch's take seconds)
-
 import argparse
 import dataclasses
 import itertools
 import json
 import math
 import os
+import pickle
+import re
 import signal
 import sys
+import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,169 +40,20 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from eval_clustering import checkpoint_pickle, cluster_metrics, from_authors_checkpoint, is_authors_checkpoint, knn_accuracy
-
 warnings.filterwarnings("ignore", "torch.distributed.nn.functional.* is deprecated", FutureWarning)
-
-DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
-
-
-class UserError(Exception):
-    """A problem with the user's input or environment: printed as one line, never as a traceback."""
-
-
-def one_line(error):
-    """An exception as 'Type: first line of its message', for one-line errors about files that will not load."""
-    return f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
-
-
-def available_cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-# =====================================================================================================
-# Config: every knob in one place. The command line is generated from these fields.
-# =====================================================================================================
-def option(default, help, **argparse_kwargs):
-    """A config field whose help text (and argparse settings) live next to its default."""
-    metadata = dict(help=help, **argparse_kwargs)
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def checked(convert, is_valid, requirement):
-    """An argparse type: convert the text, then refuse a value that fails is_valid with a one-line reason."""
-    def parse(text):
-        value = convert(text)
-        if not is_valid(value):
-            raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
-        return value
-    parse.__name__ = convert.__name__  # argparse names it in "invalid int value: 'x'"
-    return parse
-
-
-positive_float = checked(float, lambda v: v > 0, "must be > 0")
-non_negative_float = checked(float, lambda v: v >= 0, "must be >= 0")
-positive_int = checked(int, lambda v: v >= 1, "must be >= 1")
-non_negative_int = checked(int, lambda v: v >= 0, "must be >= 0")
-cadence = checked(int, lambda v: v >= -1, "must be >= 0, or -1 for automatic")
-num_classes_type = checked(int, lambda v: v >= 2, "a head needs at least 2 classes")
-probability = checked(float, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
-scale_type = checked(float, lambda v: 0 < v <= 1, "a crop scale is a fraction of the image area in (0, 1]")
-
-
-@dataclass
-class Config:
-    # data
-    dataset: str = option("cifar10", "training data", choices=DATASETS)
-    data: str = option("./data", "dataset root; imagefolder reads DATA/train/<class>/* and DATA/test (or val)/<class>/*")
-    download: bool = option(False, "let torchvision download CIFAR / STL-10 into --data")
-    in_memory_max_size: int = option(96, "imagefolder: decode the images once into memory (uint8, one size) when they are at most this many pixels a side; costs 3 x side^2 bytes an image, e.g. 150 MB for CIFAR-10; 0 = always read from disk", type=non_negative_int)
-    batch_aug: str = option("auto", "augment whole batches on the training device (GPU or CPU), each image with its own random crop, jitter, ...: no data-loading bottleneck; auto = on for in-memory datasets, off = per image in DataLoader workers", choices=("auto", "on", "off"))
-    workers: int = option(min(8, available_cpus()), "data-loading processes per GPU (decoding image folders, file-based data, --batch-aug off); default: the CPUs this process may use, at most 8", type=non_negative_int)
-    # multi-crop augmentation (paper: 2 x 224 px at scale (0.4, 1), 6 x 96 px at scale (0.05, 0.4))
-    global_size: int = option(32, "side of the two global crops in pixels", type=positive_int)
-    global_scale: tuple = option((0.4, 1.0), "area range of the global crops (solo-learn's CIFAR recipes: 0.08 1)", nargs=2, type=scale_type)
-    local_crops: int = option(4, "number of local crops (0 = two views only); each costs about a quarter of a global view at 16 px", type=non_negative_int)
-    local_size: int = option(16, "side of the local crops in pixels", type=positive_int)
-    local_scale: tuple = option((0.05, 0.4), "area range of the local crops", nargs=2, type=scale_type)
-    jitter: tuple = option((0.4, 0.4, 0.2, 0.1), "colour jitter strengths: brightness contrast saturation hue (the authors'; solo-learn's CIFAR recipes: 0.8 0.8 0.8 0.2)", nargs=4, type=non_negative_float)
-    jitter_prob: float = option(0.8, "probability of the colour jitter", type=probability)
-    gray_prob: float = option(0.2, "probability of grayscale", type=probability)
-    blur_prob: tuple = option((0.0, 0.0, 0.0), "Gaussian blur probability for the first global crop (the view the nearest-neighbour queue replaces), the second, and the local crops (paper: 0.1 1.0 0.5)", nargs=3, type=probability)
-    solarize_prob: float = option(0.2, "solarisation probability of the second global crop (paper: 0.2)", type=probability)
-    # model
-    arch: str = option("resnet18", "torchvision backbone", choices=("resnet18", "resnet34", "resnet50"))
-    stem: str = option("auto", "cifar = 3x3 stride-1 conv, no max-pool; imagenet = 7x7 stride-2 conv + max-pool (16 times fewer pixels after the stem: much faster, worse on 32 px images); auto = cifar when --global-size <= 64", choices=("auto", "cifar", "imagenet"))
-    hidden_dim: int = option(4096, "hidden width of the projection MLP", type=positive_int)
-    embed_dim: int = option(128, "output width of the projection MLP (the l2-normalised embedding)", type=positive_int)
-    num_classes: list = option((10, 20, 40, 80), "one classification head per value: its number of classes C; evaluation scores the head whose C is the number of true classes, so include it", nargs="+", type=num_classes_type)
-    # loss (paper: tau_row 0.1, tau_col 0.05)
-    row_tau: float = option(0.1, "temperature of the softmax over classes (prediction)", type=positive_float)
-    col_tau: float = option(0.05, "temperature of the softmax over the batch (target)", type=positive_float)
-    eps: float = option(1e-12, "eps of the loss's L1 normalisations and log: the authors' 1e-12; a larger one (1e-8) changes the loss by ~25 %% once logits reach ~3, so leave it", type=positive_float)
-    queue_len: int = option(0, "nearest-neighbour queue length (0 = off; paper: 262144 on ImageNet, a fifth of the training set); costs a [batch, queue] matmul a step", type=non_negative_int)
-    queue_start: float = option(0.0, "fraction of the schedule after which the queue's neighbours replace the first global view (0 = as soon as it is full); in a young representation neighbours are often of another class", type=probability)
-    # optimisation (the authors' ImageNet script: LARS, lr 3.2 at batch 4096, warmup 10 epochs from 0.2, cosine to 0.0032;
-    # the paper's text says 4.8 / 0.3 / 0.0048: the README's ImageNet command follows the script they ran)
-    epochs: int = option(28, "training epochs: the length of the schedule (with --minutes: only until the budget is planned)", type=positive_int)
-    minutes: float = option(0.0, "train to a wall-clock budget instead of --epochs: the run measures its pace after a few steps, then fixes the schedule's length so that training and its final monitors end inside this many minutes (0 = off)", type=non_negative_float)
-    batch_size: int = option(512, "images per GPU per step; the loss's batch softmax needs many images per class (at least the smallest head's C); memory grows linearly", type=positive_int)
-    optimizer: str = option("lars", "lars = SGD + layer-wise trust ratio (apex LARC as the authors); sgd = plain SGD", choices=("lars", "sgd"))
-    lr: float = option(2.0, "peak learning rate (after warmup); the authors' rule for ImageNet: 0.3 x global batch / 256", type=positive_float)
-    warmup_lr: float = option(0.2, "learning rate at step 0 (the warmup ends on --lr)", type=non_negative_float)
-    final_lr: float = option(0.002, "end of the cosine (the authors: --lr / 1000; their schedule stops one step short of it)", type=non_negative_float)
-    warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=non_negative_float)
-    weight_decay: float = option(1e-5, "weight decay (the authors: 1e-6)", type=non_negative_float)
-    momentum: float = option(0.9, "SGD momentum", type=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"))
-    lars_trust: float = option(0.001, "LARS trust coefficient: each parameter's step is about lr x this x its norm (apex's 0.001, the authors'; solo-learn: 0.02 with --lars-clip)", type=positive_float)
-    lars_clip: bool = option(False, "LARS: cap the trust ratio at lr (apex LARC clip=True, solo-learn's LARS): a parameter's relative step is then at most --lars-trust whatever the lr")
-    lars_exclude_1d: bool = option(False, "LARS: no trust ratio and no weight decay for 1-D parameters (biases, BatchNorm weights): DINO's and solo-learn's choice, not the authors' (they adapt every parameter)")
-    # run
-    bn_group_size: int = option(0, "ranks whose batches each BatchNorm pools, in groups of consecutive ranks (0 = all ranks: the global batch; the authors' ImageNet runs: 22 of their 66 GPUs)", type=non_negative_int)
-    precision: str = option("auto", "autocast dtype of the backbone: bf16 is about twice as fast as fp32 on recent GPUs; auto = bf16 on GPUs that compute it natively (Ampere and later), fp16 with a gradient scaler on older ones (T4, V100), fp32 on the CPU; the projection, heads and loss always run in float32", choices=("auto", "bf16", "fp16", "fp32"))
-    compile: bool = option(False, "torch.compile the backbone: 30 s or more of warm-up; on one H100 it did not speed up the CIFAR step (README)")
-    seed: int = option(0, "random seed (each rank adds its rank)", type=int)
-    device: str = option("auto", "auto = cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
-    out_dir: str = option("", "checkpoint ckpt.pt and log.jsonl go here; an existing ckpt.pt of the same run is resumed; default: out/<dataset> (out/<folder name> for imagefolder)")
-    resume: str = option("", "checkpoint to start from when OUT_DIR/ckpt.pt does not exist yet: one of ours, or one of the authors' released ones (model only, fresh optimizer)")
-    max_steps: int = option(0, "stop after this many steps in total (0 = run the whole schedule; the schedule still spans --epochs)", type=non_negative_int)
-    log_every: int = option(50, "steps between log lines (and one after 1, 2, 4, ... steps: early feedback when steps are slow)", type=positive_int)
-    save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints (one is always written at each epoch end)", type=positive_float)
-    eval_every: int = option(-1, "epochs between NMI/ACC monitors of the head whose C is the number of classes, on the test split (one pass over it), and after the last step; -1 = every epoch, or with --minutes as often as fits in 4 %% of the budget; 0 = never", type=cadence)
-    knn_every: int = option(-1, "epochs between kNN monitors (top-1 of a k=20 weighted kNN on backbone features, the test split against the training split: a pass over both), and after the last step; -1 = every 10 epochs when the training split has at most 100,000 labelled images (with --minutes: as often as fits in 4 %% of the budget), 0 = never", type=cadence)
-
-
-def config_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kwargs = dict(f.metadata)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif "type" not in kwargs:
-            kwargs["type"] = type(default)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kwargs)
-    return parser
-
-
-def parse_config(argv=None):
-    parser = config_parser()
-    cfg = Config(**vars(parser.parse_args(argv)))
-    for name in ("global_scale", "local_scale"):
-        low, high = getattr(cfg, name)
-        if low > high:
-            parser.error(f"--{name.replace('_', '-')}: the first value must not exceed the second, got {low} {high}")
-    if cfg.warmup_epochs > cfg.epochs:
-        parser.error(f"--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}")
-    cfg.stem = resolve_stem(cfg.stem, cfg.global_size)  # stored resolved: a checkpoint says which stem it has
-    cfg.data = str(Path(cfg.data).expanduser().resolve())  # a checkpoint names the data it was trained on
-    cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
-    return cfg
-
-
-def resolve_stem(stem, global_size):
-    """--stem auto: the 3x3 CIFAR stem for crops of at most 64 px, ImageNet's 7x7 stem + max-pool above."""
-    return stem if stem != "auto" else "cifar" if global_size <= 64 else "imagenet"
-
-
-def default_out_dir(cfg):
-    """out/<dataset>, or out/<folder name> for an image folder: runs on different data never share a checkpoint."""
-    return str(Path("out") / (Path(cfg.data).name if cfg.dataset == "imagefolder" else cfg.dataset))
 
 
 # =====================================================================================================
 # Model: ResNet backbone -> projection MLP (l2-normalised) -> weight-normalised linear heads, one per C.
 # =====================================================================================================
 class SelfClassifier(nn.Module):
-    def __init__(self, arch="resnet18", small_stem=True, hidden_dim=4096, embed_dim=128, num_classes=(10,),
+    def __init__(self, arch="resnet18", stem="cifar", hidden_dim=4096, embed_dim=128, num_classes=(10,),
                  pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
         super().__init__()
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1))  # saved with the weights
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
         self.backbone = getattr(torchvision.models, arch)(weights=None)
-        if small_stem:  # 32 px images: keep the resolution in the stem (initialised as torchvision's convs)
+        if stem == "cifar":  # 32 px images: keep the resolution in the stem (initialised as torchvision's convs)
             self.backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             nn.init.kaiming_normal_(self.backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
             self.backbone.maxpool = nn.Identity()
@@ -238,16 +82,16 @@ class SelfClassifier(nn.Module):
             return F.normalize(self.projector(features), dim=1, eps=1e-7)  # the authors' eps
 
     def classify(self, z):
-        """Logits of every head in the parameters' float32 even under autocast (the column softmax divides them by
-        col_tau, which would multiply bf16 rounding errors by 20): [B, embed_dim] -> list over heads of [B, C]."""
+        """Logits of every head in float32 even under autocast (the column softmax divides them by col_tau, which
+        would multiply bf16 rounding errors by 20): [B, embed_dim] -> list over heads of [B, C]."""
         with torch.autocast(z.device.type, enabled=False):
             z = z.to(self.projector[0].weight.dtype)
             return [head(z) for head in self.heads]
 
     def forward(self, views):
-        """views: list of [B, 3, h, w] -> (embeddings: list over views of [B, D], head_logits: list over heads of (list
-        over views of [B, C])). As the authors: the backbone runs once per crop resolution, then the projection once
-        on the features of all views together, so its BatchNorm normalises over global and local views at once."""
+        """views: list of [B, 3, h, w] -> (embeddings: list over views of [B, D], head_logits: list over heads of
+        (list over views of [B, C])). As the authors: the backbone runs once per crop resolution, then the projection
+        once on the features of all views together, so its BatchNorm normalises over global and local views at once."""
         features = [self.features(torch.cat(same_size)) for same_size in runs_of(views, key=lambda v: v.shape[-1])]
         z = self.embed(torch.cat(features))                                   # [V*B, D]
         return list(z.chunk(len(views))), [list(s.chunk(len(views))) for s in self.classify(z)]
@@ -256,11 +100,6 @@ class SelfClassifier(nn.Module):
 def runs_of(items, key):
     """Consecutive items with equal key, as lists: the views (or view specs) of one crop size."""
     return [list(run) for _, run in itertools.groupby(items, key=key)]
-
-
-def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
-    small_stem = resolve_stem(cfg.stem, cfg.global_size) == "cifar"
-    return SelfClassifier(cfg.arch, small_stem, cfg.hidden_dim, cfg.embed_dim, cfg.num_classes, pixel_mean, pixel_std)
 
 
 # =====================================================================================================
@@ -299,8 +138,8 @@ def self_classifier_loss(view_logits, row_tau=0.1, col_tau=0.05, num_global=2, e
     logits = torch.stack(view_logits, 1)                                        # [B, V, C]: all views at once
     logits, rows = gather(logits.to(torch.promote_types(logits.dtype, torch.float32)))  # [N, V, C], >= float32
     N, V, C = logits.shape
-    targets = F.normalize(F.softmax(logits / col_tau, dim=0), p=1, dim=2, eps=eps)[rows]                      # Eq. 5
-    log_preds = torch.log(N / C * F.normalize(F.softmax(logits / row_tau, dim=2), p=1, dim=0, eps=eps) + eps)[rows]  # Eq. 4
+    targets = F.normalize(F.softmax(logits / col_tau, dim=0), p=1, dim=2, eps=eps)[rows]                # Eq. 5
+    log_preds = torch.log(N / C * F.normalize(F.softmax(logits / row_tau, dim=2), p=1, dim=0, eps=eps) + eps)[rows]
     with torch.autocast(logits.device.type, enabled=False):  # a matmul: autocast would lower it
         cross = -torch.einsum("bic,bjc->ij", targets, log_preds) / len(targets)        # [V, V]: l(i, j)
     view = torch.arange(V, device=logits.device)
@@ -445,14 +284,196 @@ def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue,
             agree = torch.stack([((neighbour_label == labels) & labelled).sum(), labelled.sum()])
             for view_logits, s in zip(head_logits, raw_model.classify(neighbour)):
                 view_logits[0] = s
-        queue.push(embeddings[0].detach(), index, labels, gather=gather)
-    loss = sum(self_classifier_loss(view_logits, cfg.row_tau, cfg.col_tau, eps=cfg.eps, gather=gather_with_grad)
+        queue.push(embeddings[0].detach(), index, labels, gather=all_gather)
+    loss = sum(self_classifier_loss(view_logits, cfg.row_tau, cfg.col_tau, gather=gather_with_grad)
                for view_logits in head_logits) / len(head_logits)  # mean over heads
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     return loss.detach(), head_logits, agree
+
+
+# =====================================================================================================
+# Config: every knob in one place. The command line is generated from these fields.
+# =====================================================================================================
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+IMAGENET_MEAN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment: printed as one line, never as a traceback."""
+
+
+def one_line(error):
+    """An exception as 'Type: first line of its message', for one-line errors about files that will not load."""
+    return f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
+
+
+def available_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def option(default, help, **argparse_kwargs):
+    """A config field whose help text (and argparse settings) live next to its default."""
+    metadata = dict(help=help, **argparse_kwargs)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def checked(convert, is_valid, requirement):
+    """An argparse type: convert the text, then refuse a value that fails is_valid with a one-line reason."""
+    def parse(text):
+        value = convert(text)
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+        return value
+    parse.__name__ = convert.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+positive_float = checked(float, lambda v: v > 0, "must be > 0")
+non_negative_float = checked(float, lambda v: v >= 0, "must be >= 0")
+positive_int = checked(int, lambda v: v >= 1, "must be >= 1")
+non_negative_int = checked(int, lambda v: v >= 0, "must be >= 0")
+epochs_or_auto = checked(int, lambda v: v >= -1, "must be >= 0, or -1 for automatic")
+num_classes_type = checked(int, lambda v: v >= 2, "a head needs at least 2 classes")
+probability = checked(float, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+scale_type = checked(float, lambda v: 0 < v <= 1, "a crop scale is a fraction of the image area in (0, 1]")
+momentum_type = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = option("cifar10", "training data", choices=DATASETS)
+    data: str = option("./data", "dataset root; imagefolder reads DATA/train/<class>/* and DATA/test (or val)/"
+                       "<class>/*, or every image under DATA (unlabelled) when there is no DATA/train")
+    download: bool = option(False, "let torchvision download CIFAR / STL-10 into --data")
+    in_memory_max_size: int = option(96, "imagefolder: decode the images once into memory (uint8, 3 x side^2 bytes "
+                                     "each) when they are at most this many pixels a side; 0 = read from disk",
+                                     type=non_negative_int)
+    batch_aug: str = option("auto", "auto = augment whole in-memory batches on the training device, each image with "
+                            "its own random parameters; off = per image in DataLoader workers", choices=("auto", "off"))
+    workers: int = option(min(8, available_cpus()), "data-loading processes per GPU", type=non_negative_int)
+    # multi-crop augmentation (paper: 2 x 224 px at scale (0.4, 1), 6 x 96 px at scale (0.05, 0.4))
+    global_size: int = option(32, "side of the two global crops in pixels", type=positive_int)
+    global_scale: tuple = option((0.4, 1.0), "area range of the global crops", nargs=2, type=scale_type)
+    local_crops: int = option(4, "number of local crops (0 = two views only)", type=non_negative_int)
+    local_size: int = option(16, "side of the local crops in pixels", type=positive_int)
+    local_scale: tuple = option((0.05, 0.4), "area range of the local crops", nargs=2, type=scale_type)
+    jitter: tuple = option((0.4, 0.4, 0.2, 0.1), "colour jitter strengths: brightness contrast saturation hue "
+                           "(the authors')", nargs=4, type=non_negative_float)
+    jitter_prob: float = option(0.8, "probability of the colour jitter", type=probability)
+    gray_prob: float = option(0.2, "probability of grayscale", type=probability)
+    blur_prob: tuple = option((0.0, 0.0, 0.0), "Gaussian blur probability of the first global crop, the second, and "
+                              "the local crops (paper: 0.1 1.0 0.5)", nargs=3, type=probability)
+    solarize_prob: float = option(0.2, "solarisation probability of the second global crop", type=probability)
+    # model
+    arch: str = option("resnet18", "torchvision backbone", choices=("resnet18", "resnet34", "resnet50"))
+    stem: str = option("auto", "cifar = 3x3 stride-1 conv, no max-pool; imagenet = 7x7 stride-2 conv + max-pool "
+                       "(16 times fewer pixels); auto = cifar when --global-size <= 64",
+                       choices=("auto", "cifar", "imagenet"))
+    hidden_dim: int = option(4096, "hidden width of the projection MLP", type=positive_int)
+    embed_dim: int = option(128, "output width of the projection MLP (the l2-normalised embedding)", type=positive_int)
+    num_classes: list = option((10, 20, 40, 80), "one classification head per value, its number of classes C; "
+                               "evaluation scores the head whose C is the number of true classes", nargs="+",
+                               type=num_classes_type)
+    # loss (paper: tau_row 0.1, tau_col 0.05)
+    row_tau: float = option(0.1, "temperature of the softmax over classes (prediction)", type=positive_float)
+    col_tau: float = option(0.05, "temperature of the softmax over the batch (target)", type=positive_float)
+    queue_len: int = option(0, "nearest-neighbour queue length (0 = off; paper: 262144 on ImageNet)",
+                            type=non_negative_int)
+    queue_start: float = option(0.0, "fraction of the schedule after which the queue's neighbours replace the first "
+                                "global view", type=probability)
+    # optimisation (the authors' ImageNet script: LARS, lr 3.2 at batch 4096, warmup 10 epochs from 0.2, cosine)
+    epochs: int = option(28, "training epochs (with --minutes: until the budget is planned)", type=positive_int)
+    minutes: float = option(0.0, "train to a wall-clock budget instead of --epochs: the schedule's length is planned "
+                            "from the measured pace so that training and its monitors end inside it (0 = off)",
+                            type=non_negative_float)
+    batch_size: int = option(512, "images per GPU per step (at least the smallest head's C)", type=positive_int)
+    optimizer: str = option("lars", "lars = SGD + layer-wise trust ratio (apex LARC, as the authors); sgd = plain SGD",
+                            choices=("lars", "sgd"))
+    lr: float = option(2.0, "peak learning rate (the authors' rule: 0.3 x global batch / 256)", type=positive_float)
+    warmup_lr: float = option(0.2, "learning rate at step 0 (the warmup ends on --lr)", type=non_negative_float)
+    final_lr: float = option(0.002, "end of the cosine (the authors: --lr / 1000)", type=non_negative_float)
+    warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=non_negative_float)
+    weight_decay: float = option(1e-5, "weight decay (the authors: 1e-6)", type=non_negative_float)
+    momentum: float = option(0.9, "SGD momentum", type=momentum_type)
+    lars_trust: float = option(0.001, "LARS trust coefficient (apex and the authors: 0.001; solo-learn: 0.02 with "
+                               "--lars-clip)", type=positive_float)
+    lars_clip: bool = option(False, "LARS: cap the trust ratio at lr (apex LARC clip=True, solo-learn's LARS)")
+    lars_exclude_1d: bool = option(False, "LARS: plain SGD without weight decay for biases and norm weights (DINO, "
+                                   "solo-learn; the authors adapt every parameter)")
+    # run
+    bn_group_size: int = option(0, "ranks whose batches each BatchNorm pools (0 = all; the authors: 22 of 66 GPUs)",
+                                type=non_negative_int)
+    precision: str = option("auto", "autocast dtype of the backbone; auto = bf16 on Ampere and later GPUs, fp16 "
+                            "with a gradient scaler on older ones, fp32 on the CPU",
+                            choices=("auto", "bf16", "fp16", "fp32"))
+    compile: bool = option(False, "torch.compile the backbone (30 s or more of warm-up)")
+    seed: int = option(0, "random seed (each rank adds its rank)", type=int)
+    device: str = option("auto", "auto = cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
+    out_dir: str = option("", "ckpt.pt and log.jsonl go here; an existing ckpt.pt of the same run is resumed "
+                          "(default: out/<dataset>, or out/<folder name> for imagefolder)")
+    resume: str = option("", "checkpoint to start from when OUT_DIR/ckpt.pt does not exist: one of ours, or one of "
+                         "the authors' released ones (model only)")
+    max_steps: int = option(0, "stop after this many steps in total (0 = the whole schedule)", type=non_negative_int)
+    log_every: int = option(50, "steps between log lines (and after 1, 2, 4, ... steps)", type=positive_int)
+    save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints (one at each epoch end anyway)",
+                                   type=positive_float)
+    eval_every: int = option(-1, "epochs between the heads monitor (NMI/ACC on the test split) and after the last "
+                             "step; -1 = every epoch, with --minutes as often as fits in 4 %% of it; 0 = never",
+                             type=epochs_or_auto)
+    knn_every: int = option(-1, "epochs between kNN monitors (k=20 on backbone features) and after the last step; "
+                            "-1 = every 10 epochs up to 100,000 labelled images, with --minutes only after the last "
+                            "step if it fits in 4 %% of it; 0 = never", type=epochs_or_auto)
+
+
+def config_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kwargs = dict(f.metadata)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "type" not in kwargs:
+            kwargs["type"] = type(default)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kwargs)
+    return parser
+
+
+def parse_config(argv=None):
+    parser = config_parser()
+    cfg = Config(**vars(parser.parse_args(argv)))
+    for name in ("global_scale", "local_scale"):
+        low, high = getattr(cfg, name)
+        if low > high:
+            parser.error(f"--{name.replace('_', '-')}: the first value must not exceed the second, got {low} {high}")
+    if cfg.warmup_epochs > cfg.epochs:
+        parser.error(f"--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}")
+    cfg.stem = resolve_stem(cfg.stem, cfg.global_size)  # stored resolved: a checkpoint says which stem it has
+    cfg.data = str(Path(cfg.data).expanduser().resolve())  # a checkpoint names the data it was trained on
+    cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
+    return cfg
+
+
+def resolve_stem(stem, global_size):
+    """--stem auto: the 3x3 CIFAR stem for crops of at most 64 px, ImageNet's 7x7 stem + max-pool above."""
+    return stem if stem != "auto" else "cifar" if global_size <= 64 else "imagenet"
+
+
+def default_out_dir(cfg):
+    """out/<dataset>, or out/<folder name> for an image folder: runs on different data never share a checkpoint."""
+    return str(Path("out") / (Path(cfg.data).name if cfg.dataset == "imagefolder" else cfg.dataset))
+
+
+def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
+    stem = resolve_stem(cfg.stem, cfg.global_size)
+    return SelfClassifier(cfg.arch, stem, cfg.hidden_dim, cfg.embed_dim, cfg.num_classes, pixel_mean, pixel_std)
+
 
 
 # =====================================================================================================
@@ -511,8 +532,9 @@ def per_image_transform(spec):
 
 
 class PerImageViews(torch.utils.data.Dataset):
-    """dataset[(index, epoch_seed)] -> (list of views, label, index). Each sample's augmentation is seeded in the worker
-    from (epoch seed, index), a pure function of (run seed, epoch, index): any worker count or mid-epoch resume agrees."""
+    """dataset[(index, epoch_seed)] -> (list of views, label, index). Each sample's augmentation is seeded in the
+    worker from (epoch seed, index), a pure function of (run seed, epoch, index): any worker count or mid-epoch resume
+    agrees."""
 
     def __init__(self, dataset, specs):
         self.dataset, self.transforms = dataset, [per_image_transform(s) for s in specs]
@@ -579,8 +601,9 @@ def random_crop_boxes(n, height, width, scale, gen, device):
     found = fits.any(1)
     w = torch.where(found, w.gather(1, first).squeeze(1), fallback[0])
     h = torch.where(found, h.gather(1, first).squeeze(1), fallback[1])
-    top = torch.where(found, (torch.rand(n, device=device, generator=gen) * (height - h + 1)).floor(), (height - h) // 2)
-    left = torch.where(found, (torch.rand(n, device=device, generator=gen) * (width - w + 1)).floor(), (width - w) // 2)
+    top = (torch.rand(n, device=device, generator=gen) * (height - h + 1)).floor()
+    left = (torch.rand(n, device=device, generator=gen) * (width - w + 1)).floor()
+    top, left = torch.where(found, top, (height - h) // 2), torch.where(found, left, (width - w) // 2)
     return top, left, h, w
 
 
@@ -593,7 +616,8 @@ def resize_weights(start, length, size, in_size):
     x = torch.arange(in_size, device=start.device).view(1, 1, -1) - start.view(-1, 1, 1)  # in crop coordinates
     t = (x + 0.5 - centre).abs() / scale.clamp(min=1)
     a = -0.5
-    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1, torch.where(t < 2, a * (((t - 5) * t + 8) * t - 4), 0.0))
+    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                        torch.where(t < 2, a * (((t - 5) * t + 8) * t - 4), 0.0))
     weights = cubic * ((x >= 0) & (x < length.view(-1, 1, 1)))
     return weights / weights.sum(2, keepdim=True)
 
@@ -617,7 +641,7 @@ def crops_of_one_size(images, specs, gen, jitter_order=(0, 1, 2, 3)):
     per-image transforms, the order of the four colour jitters is drawn once per call, not per image."""
     if images.dtype != torch.uint8:
         raise TypeError(f"crops_of_one_size takes uint8 images with levels 0-255, got {images.dtype} "
-                        f"(a float batch in [0, 1] would come out nearly black): pass (x * 255).round().to(torch.uint8)")
+                        "(a float batch in [0, 1] would come out nearly black): pass (x * 255).round().to(torch.uint8)")
     spec, k = specs[0], len(specs)  # size, scale and colour recipe are shared; blur and solarisation per view
     images = images.repeat(k, 1, 1, 1)
     B, _, H, W = images.shape  # samples of all k views
@@ -661,8 +685,11 @@ def multi_crop(images, specs, seed):
     order_gen = torch.Generator().manual_seed(seed)  # jitter order drawn on the host: no device sync
     views = []
     for same_size in runs_of(specs, key=lambda spec: (spec.size, spec.scale)):
-        views += crops_of_one_size(images, same_size, gen, torch.randperm(4, generator=order_gen).tolist()).chunk(len(same_size))
+        jitter_order = torch.randperm(4, generator=order_gen).tolist()
+        views += crops_of_one_size(images, same_size, gen, jitter_order).chunk(len(same_size))
     return views
+
+
 
 
 # =====================================================================================================
@@ -685,24 +712,26 @@ class ImageArray(torch.utils.data.Dataset):
 
 def make_synthetic(train, size=32):
     """A small offline dataset with 10 known classes: 5 textures x 2 scales, random tints, phase and noise. Each class
-    survives crops, flips, colour jitter and grayscale (it is defined by shape, not colour), so the method can find it;
-    the pixels and labels depend only on the split."""
+    survives crops, flips, colour jitter and grayscale (it is defined by shape, not colour), so the method can find
+    it; the pixels and labels depend only on the split."""
     n = 2000 if train else 500
     gen = torch.Generator().manual_seed(1 if train else 2)
     labels = torch.arange(n) % 10
     texture, period = labels // 2, torch.where(labels % 2 == 0, 4.0, 12.0)
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    axis = torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     freq = (2 * math.pi / period).view(n, 1, 1)
     phase_x, phase_y = (torch.rand(2, n, 1, 1, generator=gen) * 2 * math.pi).unbind(0)
     centre = torch.rand(n, 2, 1, 1, generator=gen) * size
     radius = ((xx - centre[:, 0]) ** 2 + (yy - centre[:, 1]) ** 2).sqrt()
     patterns = torch.stack([
-        torch.sin(freq * yy + phase_y),                                 # horizontal stripes
-        torch.sin(freq * xx + phase_x),                                 # vertical stripes
+        torch.sin(freq * yy + phase_y),                                   # horizontal stripes
+        torch.sin(freq * xx + phase_x),                                   # vertical stripes
         torch.sin(freq * xx + phase_x) * torch.sin(freq * yy + phase_y),  # checkerboard
-        torch.sin(freq * radius),                                       # rings
-        torch.sin(freq * (xx + yy) / 1.4 + phase_x).abs() - torch.sin(freq * (xx - yy) / 1.4 + phase_y).abs(),  # cross-hatch
-    ])[texture, torch.arange(n)]                                        # [n, size, size] in [-1, 1]
+        torch.sin(freq * radius),                                         # rings
+        (torch.sin(freq * (xx + yy) / 1.4 + phase_x).abs()                # cross-hatch
+         - torch.sin(freq * (xx - yy) / 1.4 + phase_y).abs()),
+    ])[texture, torch.arange(n)]                                          # [n, size, size] in [-1, 1]
     weight = (patterns.unsqueeze(1) + 1) / 2
     # light and dark colours: a random tint of white and black, so that colour is no shortcut
     light = 0.8 + 0.2 * torch.rand(n, 3, 1, 1, generator=gen)
@@ -733,15 +762,24 @@ class ImageFiles(torchvision.datasets.ImageFolder):
     @staticmethod
     def make_dataset(directory, *args, **kwargs):
         extensions = torchvision.datasets.folder.IMG_EXTENSIONS
-        return [(str(p), -1) for p in sorted(Path(directory).rglob("*")) if p.suffix.lower() in extensions and p.is_file()]
+        files = sorted(Path(directory).rglob("*"))
+        return [(str(p), -1) for p in files if p.suffix.lower() in extensions and p.is_file()]
+
+
+def fit(images, shape, shorter_side):
+    """uint8 images [..., 3, H, W] -> [..., 3, *shape]: as they are when of that shape, else resized (shorter side to
+    shorter_side, antialiased bilinear) and centre-cropped to it."""
+    if tuple(images.shape[-2:]) == tuple(shape):
+        return images
+    return v2.functional.center_crop(v2.functional.resize(images, shorter_side, antialias=True), list(shape))
 
 
 class Indexed(torch.utils.data.Dataset):
-    """dataset[i] -> (transform(image) or None for an unreadable file, label, i, whether it was resized): with a
-    shape (height, width), an image of another size is resized (shorter side) and centre-cropped to it."""
+    """dataset[i] -> (uint8 image [3, *shape] as fit(image, shape, shorter_side), label, i, whether it was resized),
+    or None for an unreadable file (collate_readable leaves it out)."""
 
-    def __init__(self, dataset, transform=v2.PILToTensor(), shape=None):
-        self.dataset, self.transform, self.shape = dataset, transform, shape
+    def __init__(self, dataset, shape, shorter_side):
+        self.dataset, self.shape, self.shorter_side = dataset, tuple(shape), shorter_side
 
     def __len__(self):
         return len(self.dataset)
@@ -749,22 +787,25 @@ class Indexed(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, label = self.dataset[index]
         if image is None:
-            return None, label, index, False
-        image = self.transform(image)
-        resized = self.shape is not None and tuple(image.shape[-2:]) != self.shape
-        if resized:
-            image = v2.functional.center_crop(v2.functional.resize(image, min(self.shape), antialias=True), self.shape)
-        return image, label, index, resized
+            return None
+        image = v2.functional.pil_to_tensor(image)
+        return fit(image, self.shape, self.shorter_side), label, index, tuple(image.shape[-2:]) != self.shape
 
 
-def stack_readable(batch):
-    """collate_fn: a batch of Indexed items -> (the readable images stacked [b, 3, H, W], labels [b], indices [b],
-    number resized). One tensor per batch: workers that hand back thousands of small tensors run out of file
+def collate_readable(batch):
+    """collate_fn of Indexed: the readable items stacked -> [images, labels, indices, resized flags], or None when no
+    item is readable. One tensor per batch: workers that hand back thousands of small tensors run out of file
     descriptors ("received 0 items of ancdata")."""
-    good = [item for item in batch if item[0] is not None]
-    images = torch.stack([item[0] for item in good]) if good else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-    return (images, torch.tensor([item[1] for item in good], dtype=torch.long),
-            torch.tensor([item[2] for item in good], dtype=torch.long), sum(item[3] for item in good))
+    readable = [item for item in batch if item is not None]
+    if not readable:
+        return None
+    images, *rest = zip(*readable)
+    return [torch.stack(images)] + [torch.tensor(column) for column in rest]
+
+
+def warn_skipped(root, total, kept):
+    if kept < total:
+        warnings.warn(f"{root}: skipped {total - kept} unreadable image(s) of {total}")
 
 
 def image_sizes(folder, samples=256):
@@ -781,9 +822,9 @@ def image_sizes(folder, samples=256):
 
 
 def load_image_folder(root, in_memory_max_size, workers, labelled=True):
-    """torchvision's ImageFolder (labelled: root/<class>/*) or ImageFiles (any depth, unlabelled); decoded once into an
-    ImageArray when its images are small (CIFAR-sized), all at the size most of them have: images of another size are
-    resized (shorter side) and centre-cropped to it, and unreadable files skipped, each counted in one warning."""
+    """torchvision's ImageFolder (labelled: root/<class>/*) or ImageFiles (any depth, unlabelled); decoded once into
+    an ImageArray when its images are small (CIFAR-sized), all at the size most of them have: images of another size
+    are resized (shorter side) and centre-cropped to it, and unreadable files skipped, each counted in one warning."""
     if not Path(root).is_dir():
         raise UserError(f"cannot read image folder {root}: it does not exist")
     try:
@@ -791,7 +832,8 @@ def load_image_folder(root, in_memory_max_size, workers, labelled=True):
     except (FileNotFoundError, OSError) as error:
         raise UserError(f"cannot read image folder {root}: {str(error).splitlines()[0]}") from None
     if labelled and len(folder.classes) < 2:
-        raise UserError(f"image folder {root} has {len(folder.classes)} class folder(s); it needs at least 2 (DIR/<class>/*.jpg)")
+        raise UserError(f"image folder {root} has {len(folder.classes)} class folder(s); it needs at least 2 "
+                        "(DIR/<class>/*.jpg)")
     if not folder.samples:
         raise UserError(f"cannot read image folder {root}: no image files in it at any depth")
     sizes = image_sizes(folder)
@@ -800,21 +842,20 @@ def load_image_folder(root, in_memory_max_size, workers, labelled=True):
     if max(max(size) for size in sizes) > in_memory_max_size:
         return folder
     width, height = max(set(sizes), key=sizes.count)  # the size most images have
-    images, labels = torch.empty(len(folder), 3, height, width, dtype=torch.uint8), torch.empty(len(folder), dtype=torch.long)
-    loader = torch.utils.data.DataLoader(Indexed(folder, shape=(height, width)), batch_size=256, num_workers=workers,
-                                         collate_fn=stack_readable)
-    kept, resized, paths, progress = 0, 0, [], Progress(f"decoding {root}", len(folder), "images")
-    for batch, (batch_images, batch_labels, indices, batch_resized) in enumerate(loader):
-        images[kept:kept + len(batch_images)], labels[kept:kept + len(batch_labels)] = batch_images, batch_labels
-        kept, resized = kept + len(batch_images), resized + batch_resized
-        paths += [folder.samples[i][0] for i in indices.tolist()]
-        progress(min(len(folder), 256 * (batch + 1)))
-    if kept < len(folder):
-        warnings.warn(f"{root}: skipped {len(folder) - kept} unreadable image(s) of {len(folder)}")
-    if resized:
-        warnings.warn(f"{root}: {resized} image(s) not of the most common size {width}x{height} were resized (shorter "
-                      f"side) and centre-cropped to it")
-    return ImageArray(images[:kept], labels[:kept], folder.classes, paths)
+    loader = torch.utils.data.DataLoader(Indexed(folder, (height, width), min(height, width)), batch_size=256,
+                                         num_workers=workers, collate_fn=collate_readable)
+    batches, progress = [], Progress(f"decoding {root}", len(folder), "images")
+    for done, batch in enumerate(loader, 1):
+        batches += [batch] if batch is not None else []
+        progress(min(len(folder), 256 * done))
+    if not batches:
+        raise UserError(f"no readable image in {root}")
+    images, labels, indices, resized = (torch.cat(column) for column in zip(*batches))
+    warn_skipped(root, len(folder), len(images))
+    if resized.any():
+        warnings.warn(f"{root}: {int(resized.sum())} image(s) not of the most common size {width}x{height} were "
+                      "resized (shorter side) and centre-cropped to it")
+    return ImageArray(images, labels, folder.classes, [folder.samples[i][0] for i in indices.tolist()])
 
 
 def load_split(cfg, train):
@@ -826,8 +867,8 @@ def load_split(cfg, train):
     if cfg.dataset == "imagefolder" and not (root / "train").is_dir():  # one's own images: no labels, no split
         return load_image_folder(root, cfg.in_memory_max_size, cfg.workers, labelled=False) if train else None
     if cfg.dataset == "imagefolder":
-        split = root / "train" if train else next((root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
-        return load_image_folder(split, cfg.in_memory_max_size, cfg.workers)
+        split = next((root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
+        return load_image_folder(root / "train" if train else split, cfg.in_memory_max_size, cfg.workers)
     try:
         if cfg.dataset == "stl10":
             ds = torchvision.datasets.STL10(root, split="train+unlabeled" if train else "test", download=cfg.download)
@@ -853,7 +894,8 @@ class Progress:
         if now - self.last >= self.every or (done >= self.total and now - self.start >= self.every):
             self.last = now
             if rank() == 0:
-                print(f"{self.what}: {done}/{self.total} {self.unit} ({done / (now - self.start):.0f}/s)", file=sys.stderr, flush=True)
+                rate = done / (now - self.start)
+                print(f"{self.what}: {done}/{self.total} {self.unit} ({rate:.0f}/s)", file=sys.stderr, flush=True)
 
 
 # =====================================================================================================
@@ -867,22 +909,21 @@ def rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def gather_with_grad(x):
-    """All-gather along dim 0, differentiable (each rank's gradient flows back to the rank it came from) ->
-    (the global batch, the slice of this rank's rows in it): the loss's gather in data-parallel training."""
-    if world_size() == 1:
-        return x, slice(None)
-    import torch.distributed.nn.functional as dist_nn
-    return torch.cat(dist_nn.all_gather(x)), slice(rank() * len(x), (rank() + 1) * len(x))
-
-
-def gather(x):
-    """All-gather along dim 0 without gradient."""
+def all_gather(x, with_grad=False):
+    """All-gather along dim 0; with_grad: differentiable (each rank's gradient flows back to the rank it came from)."""
     if world_size() == 1:
         return x
+    if with_grad:
+        import torch.distributed.nn.functional as dist_nn
+        return torch.cat(dist_nn.all_gather(x))
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
+
+
+def gather_with_grad(x):
+    """The loss's gather in data-parallel training: (the global batch, with gradient; the slice of this rank's rows)."""
+    return all_gather(x, with_grad=True), slice(rank() * len(x), (rank() + 1) * len(x))
 
 
 def broadcast_from_main(obj):
@@ -902,7 +943,7 @@ def all_reduce_sum(x):
 
 def any_rank(flag, device):
     """Whether flag holds on any rank, on every rank: a collective, so every rank calls it at the same step."""
-    return bool(flag) if world_size() == 1 else bool(all_reduce_sum(torch.tensor([float(bool(flag))], device=device)) > 0)
+    return bool(flag) if world_size() == 1 else bool(all_reduce_sum(torch.tensor([float(bool(flag))], device=device)))
 
 
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -926,7 +967,8 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * count / (count - 1), self.momentum)
             self.num_batches_tracked += 1
-        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        normalised = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return normalised * self.weight.view(shape) + self.bias.view(shape)
 
 
 def sync_batchnorm(model, device, group_size=0):
@@ -951,7 +993,7 @@ def setup_distributed(device_choice):
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
     if device_choice == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is visible")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -961,8 +1003,15 @@ def setup_distributed(device_choice):
 
 
 # =====================================================================================================
-# Checkpoints: one file, written atomically; state dicts without DDP / torch.compile prefixes.
+# Checkpoints: one file, written atomically; state dicts without DDP / torch.compile prefixes. The authors'
+# released checkpoints load as ours.
 # =====================================================================================================
+MODEL_KEYS = ("arch", "stem", "hidden_dim", "embed_dim", "num_classes")
+RUN_KEYS = ("dataset", "data", "batch_size", "world_size", "epochs", "minutes", "warmup_epochs", "lr", "warmup_lr",
+            "final_lr", "optimizer")  # what defines a run's data and schedule: a checkpoint in OUT_DIR with others
+                                      # is another run's
+
+
 def save_checkpoint(path, state):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -975,20 +1024,73 @@ def strip_prefixes(state_dict):
     return {k.replace("module.", "").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
 
 
-MODEL_KEYS = ("arch", "stem", "hidden_dim", "embed_dim", "num_classes")
-RUN_KEYS = ("dataset", "data", "batch_size", "world_size", "epochs", "minutes", "warmup_epochs", "lr", "warmup_lr", "final_lr",
-            "optimizer")  # what defines a run's data and schedule: a checkpoint in OUT_DIR with others is another run's
+class StandIn:
+    """What an object of a class that cannot be imported here unpickles to: inert. The authors' train.py pickles its
+    nearest-neighbour queue (their utils.NNQueue) into every checkpoint, unreadable outside their source folder."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class CheckpointUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return StandIn
+
+
+checkpoint_pickle = types.SimpleNamespace(__name__="checkpoint_pickle", Unpickler=CheckpointUnpickler,
+                                          load=lambda file, **kwargs: CheckpointUnpickler(file, **kwargs).load())
+
+
+def from_authors_checkpoint(state):
+    """The authors' released checkpoints (github elad-amrani/self-classifier) as one of ours: their keys
+    module.backbone.* (torchvision ResNet), module.mlp_head.mlp.{0,1,3}.* (Linear, BatchNorm1d, LeakyReLU, Linear)
+    and module.cls_{i}.weight_g / weight_v (old-style weight norm) renamed to this model's, the config read off the
+    tensor shapes, the ImageNet mean and std. ValueError when the projection or the backbone is not this project's."""
+    weights = dict(pixel_mean=torch.tensor(IMAGENET_MEAN_STD[0]).view(1, 3, 1, 1),
+                   pixel_std=torch.tensor(IMAGENET_MEAN_STD[1]).view(1, 3, 1, 1))
+    projection_layers = set()
+    for key, value in state["state_dict"].items():
+        key = key.removeprefix("module.")  # their DistributedDataParallel's
+        head = re.fullmatch(r"cls_(\d+)\.weight_([gv])", key)
+        if key.startswith("backbone.") and not key.startswith("backbone.fc."):
+            weights[key] = value
+        elif key.startswith("mlp_head.mlp."):
+            projection_layers.add(int(key.split(".")[2]))
+            weights["projector." + key.removeprefix("mlp_head.mlp.")] = value
+        elif head:
+            weights[f"heads.{head[1]}.parametrizations.weight.original{dict(g=0, v=1)[head[2]]}"] = value
+    args = vars(state["args"]) if hasattr(state.get("args"), "__dict__") else state.get("args") or {}
+    if projection_layers != {0, 1, 3} or args.get("no_leaky"):
+        raise ValueError(f"this model's projection is Linear-BatchNorm-LeakyReLU-Linear (the authors' "
+                         f"--num-hidden 2 --use-bn); this checkpoint's has layers {sorted(projection_layers)}")
+    layer3 = {k.split(".")[2] for k in weights if k.startswith("backbone.layer3.")}
+    arch = {2: "resnet18", 6: "resnet34"}.get(len(layer3))
+    arch = "resnet50" if "backbone.layer1.0.conv3.weight" in weights else arch
+    if arch is None or "backbone.conv1.weight" not in weights:
+        raise ValueError("the backbone is not a torchvision ResNet-18/34/50")
+    heads = sorted(int(k.split(".")[1]) for k in weights if k.startswith("heads.") and k.endswith("original1"))
+    config = dict(arch=arch, stem="imagenet" if weights["backbone.conv1.weight"].shape[-1] == 7 else "cifar",
+                  global_size=224, dataset="imagefolder", hidden_dim=weights["projector.0.weight"].shape[0],
+                  embed_dim=weights["projector.3.weight"].shape[0],
+                  num_classes=[weights[f"heads.{i}.parametrizations.weight.original1"].shape[0] for i in heads])
+    return dict(model=weights, config=config, step=0, source="authors")
 
 
 def load_checkpoint(path):
-    """Our checkpoint, or the authors' (via eval_clustering.from_authors_checkpoint), loaded onto the CPU; else UserError."""
+    """Our checkpoint, or the authors' (keys 'state_dict' with 'mlp_head.'), loaded onto the CPU; else UserError."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=checkpoint_pickle)
     except Exception as error:  # truncated or not a torch file
         raise UserError(f"cannot read checkpoint {path} ({one_line(error)})") from None
-    if is_authors_checkpoint(state):
+    if isinstance(state, dict) and any("mlp_head." in k for k in state.get("state_dict") or {}):
         try:
             return from_authors_checkpoint(state)
         except ValueError as error:
@@ -1014,38 +1116,35 @@ def model_from_checkpoint(state):
 # =====================================================================================================
 # Evaluation: features and predicted classes of a whole split, no augmentation.
 # =====================================================================================================
-def eval_transform(size):
-    """Resize to size / 0.875 and centre-crop (the usual ImageNet evaluation), float [3, size, size] in [0, 1]."""
-    return v2.Compose([v2.ToImage(), v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True)])
-
-
 def eval_batches(dataset, size, batch_size, workers):
     """Yield (float images [B, 3, size, size] in [0, 1], labels [B], dataset indices [B]) over a split in order;
-    unreadable files are left out."""
+    unreadable files are left out. One resize for images in memory and files: none at size x size (CIFAR's usual
+    protocol), else the authors' ImageNet evaluation (Resize(256) + CenterCrop(224)): the shorter side to
+    size / 0.875, then the centre size x size."""
+    shape, shorter_side = (size, size), round(size / 0.875)
     if isinstance(dataset, ImageArray):
         for start in range(0, len(dataset), batch_size):
-            images = dataset.images[start:start + batch_size].float() / 255
-            if images.shape[-1] != size:
-                images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            yield images, dataset.labels[start:start + batch_size], torch.arange(start, start + len(images))
+            images = fit(dataset.images[start:start + batch_size], shape, shorter_side)
+            indices = torch.arange(start, start + len(images))
+            yield images.float() / 255, dataset.labels[indices.to(dataset.labels.device)], indices
         return
-    loader = torch.utils.data.DataLoader(Indexed(dataset, eval_transform(size)), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=stack_readable)
-    for images, labels, indices, _ in loader:
-        if len(images):
-            yield images, labels, indices
+    loader = torch.utils.data.DataLoader(Indexed(dataset, shape, shorter_side), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate_readable)
+    for batch in loader:
+        if batch is not None:
+            yield batch[0].float() / 255, batch[1], batch[2]
 
 
 @torch.no_grad()
 def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features", dtype=None, row_tau=0.1):
-    """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], per head (lists of [N]) the
-    predicted class and its probability (the row softmax at row_tau, as in the loss), labels [N] and the dataset index
-    of each row [N] (unreadable files have none), all on the CPU. The backbone runs in float32 as the authors'
+    """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], per head (lists of [N])
+    the predicted class and its probability (the row softmax at row_tau, as in the loss), labels [N] and the dataset
+    index of each row [N] (unreadable files have none), all on the CPU. The backbone runs in float32 as the authors'
     evaluation, or under autocast to dtype (torch.bfloat16: faster on a GPU, slightly different features)."""
     was_training = model.training
     model.eval()
-    out = dict(backbone=[], embedding=[], predictions=[[] for _ in model.heads], probabilities=[[] for _ in model.heads],
+    heads = range(len(model.heads))
+    out = dict(backbone=[], embedding=[], predictions=[[] for _ in heads], probabilities=[[] for _ in heads],
                labels=[], index=[])
     amp = torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
     progress = Progress(f"extracting {what}", len(dataset), "images")
@@ -1068,12 +1167,12 @@ def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what=
 
 
 # =====================================================================================================
-# Collapse monitors (every log line; the test-split monitors are Training.monitor, at epoch ends)
+# Monitors: collapse (every log line, from the training batches) and the test split (at epoch ends)
 # =====================================================================================================
-class Monitor:
-    """Collapse monitors per head: predicted class counts over the epoch, summed over ranks, of the second global
-    view (views[1]), which the nearest-neighbour queue never replaces (views[0]'s logits are its neighbours' once
-    the queue is full); the authors monitor the same view."""
+class CollapseMonitor:
+    """Per head, the predicted class counts over the epoch, summed over ranks, of the second global view (views[1]),
+    which the nearest-neighbour queue never replaces (views[0]'s logits are its neighbours' once the queue is full);
+    the authors monitor the same view."""
 
     def __init__(self, num_classes, device):
         self.counts = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
@@ -1087,7 +1186,7 @@ class Monitor:
             self.counts[head] += self.last_batch[head]
 
     def summary(self):
-        """{C: classes used in the last batch and in the epoch so far, entropy of the class sizes, and ln C (its maximum)}."""
+        """{C: classes used in the last batch and in the epoch so far, entropy of the class sizes, ln C (its max)}."""
         out = {}
         for batch, counts in zip(self.last_batch, self.counts):
             batch, counts = all_reduce_sum(batch.clone()), all_reduce_sum(counts.clone())
@@ -1097,10 +1196,57 @@ class Monitor:
         return out
 
 
+def test_split_monitors(run, epoch, heads, knn):
+    """On rank 0, the due monitors on the labelled test split, without augmentation, the backbone in the training
+    precision. heads: NMI / ACC / ARI of the head(s) whose C is the number of true classes (CIFAR-100: its 20
+    superclasses, as eval_clustering.py scores it). knn: is the representation improving? Top-1 of a weighted kNN
+    (k = 20, or all labelled images if fewer) on backbone features, the labelled training images as neighbours.
+    Both need eval_clustering.py next to this file; without it they are skipped, said once."""
+    if not (heads or knn) or not run.is_main or not run.eval_labelled:
+        return
+    try:
+        from eval_clustering import CIFAR100_SUPERCLASS, cluster_metrics, knn_accuracy
+    except ImportError:
+        if not run.said_no_metrics:
+            run.said_no_metrics = True
+            log(run, dict(event="no_metrics"), "eval_clustering.py not found: the test-split monitors are skipped")
+        return
+    cfg, model, step = run.cfg, run.raw_model, run.step
+    test = extract(model, run.eval_set, cfg.global_size, cfg.batch_size, cfg.workers, run.device, "test features",
+                   run.dtype)
+    to_true_class = CIFAR100_SUPERCLASS if cfg.dataset == "cifar100" else np.arange(len(run.eval_set.classes))
+    labels = to_true_class[test["labels"].numpy()]
+    for c, predicted in zip(cfg.num_classes, test["predictions"]):
+        if heads and c == len(np.unique(to_true_class)):
+            m = cluster_metrics(labels, predicted.numpy())
+            log(run, dict(event="eval", epoch=epoch, step=step, head=c, **m), f"epoch {epoch} eval head C{c}: "
+                f"NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
+    if knn:
+        train = extract(model, run.train_set, cfg.global_size, cfg.batch_size, cfg.workers, run.device,
+                        "kNN training features", run.dtype)
+        labelled = train["labels"] >= 0
+        k = min(20, int(labelled.sum()))
+        train_labels = torch.as_tensor(to_true_class[train["labels"][labelled].numpy()])
+        top1 = knn_accuracy(train["backbone"][labelled], train_labels, test["backbone"], labels, k=k,
+                            device=run.device)["top1"]
+        log(run, dict(event="knn", epoch=epoch, step=step, k=k, top1=top1),
+            f"epoch {epoch} kNN (k={k}, backbone features) top-1 {100 * top1:.1f}")
+
+
+# =====================================================================================================
+# Training loop
+# =====================================================================================================
+BUDGET_MARGIN = 0.03   # --minutes: the share of the budget kept free for the exit and the start-up's variation
+PACE_MARGIN = 0.05     # --minutes: and the share of the remaining training time, for the pace's variation
+MONITOR_SHARE = 0.04   # --minutes: the share of the budget each automatic test-split monitor may take
+PACE_WARMUP_STEPS = 5  # --minutes: steps not timed (cuDNN autotuning, allocator, first batches) ...
+PACE_STEPS = 10        # ... then the steps timed; the budget is planned after them
+
+
 class Batches:
     """One epoch of training batches for this rank: (views list, labels [B], indices [B]) on the device. The order
-    comes from DistributedSampler (seeded by run seed and epoch, one shard per rank), each batch's augmentation from a
-    seed derived from (run seed, epoch, sample or step): an epoch resumed at any step gives the same batches."""
+    comes from DistributedSampler (seeded by run seed and epoch, one shard per rank), each batch's augmentation from
+    a seed derived from (run seed, epoch, sample or step): an epoch resumed at any step gives the same batches."""
 
     def __init__(self, dataset, cfg, specs, device, epoch, start_step, steps):
         sampler = torch.utils.data.DistributedSampler(range(len(dataset)), num_replicas=world_size(), rank=rank(),
@@ -1111,14 +1257,14 @@ class Batches:
         self.seed = (cfg.seed, epoch, rank())
         self.on_device = use_batch_aug(cfg, dataset)
         if self.on_device:
-            self.images, self.labels = dataset.images, dataset.labels  # already on the device (Training.build_data)
+            self.images, self.labels = dataset.images, dataset.labels  # already on the device (load_data)
             self.order = order.to(device)  # one copy per epoch, not one per step
         else:
             epoch_seed = derive_seed(cfg.seed, epoch)
             keys = [(i, epoch_seed) for i in order[start_step:].flatten().tolist()]
             self.loader = torch.utils.data.DataLoader(
-                PerImageViews(dataset, specs), batch_size=cfg.batch_size, sampler=keys, drop_last=True, num_workers=cfg.workers,
-                pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
+                PerImageViews(dataset, specs), batch_size=cfg.batch_size, sampler=keys, drop_last=True,
+                num_workers=cfg.workers, pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
 
     def __iter__(self):
         if self.on_device:
@@ -1137,19 +1283,7 @@ def derive_seed(*numbers):
 
 
 def use_batch_aug(cfg, dataset):
-    in_memory = isinstance(dataset, ImageArray)
-    if cfg.batch_aug == "on" and not in_memory:
-        raise UserError("--batch-aug on needs an in-memory dataset (images decoded into memory, all of one size)")
-    return cfg.batch_aug == "on" or (cfg.batch_aug == "auto" and in_memory)
-
-
-# =====================================================================================================
-# Training loop
-# =====================================================================================================
-BUDGET_MARGIN = 0.03   # --minutes: the share of the budget kept free for the exit and the start-up's variation
-PACE_MARGIN = 0.05     # --minutes: and the share of the remaining training time, for the pace's variation (CPU: ~10 %)
-MONITOR_SHARE = 0.04   # --minutes: the share of the budget each automatic test-split monitor may take
-PACE_WARMUP_STEPS = 5  # --minutes: steps not timed (cuDNN autotuning, allocator, first batches)
+    return cfg.batch_aug == "auto" and isinstance(dataset, ImageArray)
 
 
 def autocast_dtype(precision, device):
@@ -1161,323 +1295,311 @@ def autocast_dtype(precision, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-class Training:
-    """One run: built from a Config, resumed from OUT_DIR/ckpt.pt when it belongs to this run, trained epoch by epoch
-    with its logs, checkpoints and monitors; with --minutes, to the schedule plan_budget fixes (kept on resume)."""
+def build_training(cfg, device, train_set):
+    """(model, raw_model, optimizer, scaler, queue, autocast dtype) of a run: the model normalised with the training
+    images' per-channel statistics (ImageNet's for images read from files), BatchNorm across ranks, DDP-wrapped."""
+    if isinstance(train_set, ImageArray):
+        pixels = train_set.images[:10000].float() / 255
+        mean_std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
+    else:
+        mean_std = IMAGENET_MEAN_STD
+    model = raw_model = build_model(cfg, *mean_std).to(device)
+    if world_size() > 1:
+        model = raw_model = sync_batchnorm(model, device, cfg.bn_group_size)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN keeps its fastest kernels (as the authors)
+    optimizer = build_optimizer(model, cfg)
+    queue = NeighbourQueue(cfg.queue_len, cfg.embed_dim).to(device) if cfg.queue_len else None
+    dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if cfg.compile:
+        model.backbone = torch.compile(model.backbone)
+    if world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, raw_model, optimizer, scaler, queue, dtype
 
-    def __init__(self, cfg, started=None):
-        self.cfg, self.started = cfg, started or time.time()
-        self.device = setup_distributed(cfg.device)
-        self.is_main = rank() == 0
-        torch.manual_seed(cfg.seed + rank())
-        self.out_dir, self.ckpt_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.log_file = open(self.out_dir / "log.jsonl", "a") if self.is_main else None
-        except OSError as error:
-            raise UserError(f"cannot write to --out-dir {self.out_dir}: {error.strerror}") from None
-        state, path, own = self.find_checkpoint()  # refused before the data is loaded when it is another run's
-        self.build_data()
-        self.build_model()
-        self.step, self.schedule, self.costs, self.overhead, self.pending_losses = 0, None, {}, 0.0, []
-        if state:
-            self.resume(state, path, own)
-        if self.schedule is None and not cfg.minutes:
-            self.schedule = dict(total_steps=cfg.epochs * self.steps_per_epoch, **self.default_cadences())
-        self.first_step = self.saved_step = self.step
-        self.last_save_time, self.pace_start = time.time(), None
 
-    def log(self, record, line):
-        if self.is_main:
-            print(line, flush=True)
-            self.log_file.write(json.dumps(record) + "\n")
-            self.log_file.flush()
+def log(run, record, line):
+    if run.is_main:
+        print(line, flush=True)
+        run.log_file.write(json.dumps(record) + "\n")
+        run.log_file.flush()
 
-    def build_data(self):
-        cfg = self.cfg
-        self.train_set, self.eval_set = load_split(cfg, train=True), load_split(cfg, train=False)
-        self.specs = view_specs(cfg)
-        if use_batch_aug(cfg, self.train_set):  # the whole uint8 dataset lives on the device: no loader, no copies
-            self.train_set.images, self.train_set.labels = self.train_set.images.to(self.device), self.train_set.labels.to(self.device)
-        self.global_batch = cfg.batch_size * world_size()
-        self.steps_per_epoch = len(self.train_set) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise UserError(f"{len(self.train_set)} training images are fewer than one global batch of {self.global_batch}")
-        if self.global_batch < min(cfg.num_classes):  # over-clustering heads may exceed it: the paper's 8000 with 4096
-            warnings.warn(f"global batch {self.global_batch} < smallest head C={min(cfg.num_classes)}: the uniform prior "
-                          f"asks every class to be used by N/C samples of a batch, which needs many samples per class")
-        self.eval_labelled = self.eval_set is not None and all(label >= 0 for label in self.eval_set.targets)
-        self.labelled_train = sum(label >= 0 for label in getattr(self.train_set, "targets", []))
-        if not self.eval_labelled and cfg.eval_every + cfg.knn_every != 0:
-            self.log(dict(event="no_monitors"), f"no labelled evaluation split in {cfg.data}: the test-split NMI/ACC and "
-                     "kNN monitors are skipped (the loss and collapse monitors stay; labels are never needed to train)")
 
-    def build_model(self):
-        cfg, device = self.cfg, self.device
-        if isinstance(self.train_set, ImageArray):  # per-channel statistics of the training images
-            pixels = self.train_set.images[:10000].float() / 255
-            mean_std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
-        else:
-            mean_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
-        self.raw_model = model = build_model(cfg, *mean_std).to(device)
-        if world_size() > 1:
-            self.raw_model = model = sync_batchnorm(model, device, cfg.bn_group_size)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN tries its kernels once, keeps the fastest (as the authors)
-        self.optimizer = build_optimizer(model, cfg)
-        self.queue = NeighbourQueue(cfg.queue_len, cfg.embed_dim).to(device) if cfg.queue_len else None
-        self.dtype = autocast_dtype(cfg.precision, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        if cfg.compile:
-            model.backbone = torch.compile(model.backbone)
-        self.model = model
-        if world_size() > 1:
-            self.model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def start_run(cfg, started):
+    """Everything a run holds: device, data, model and optimiser, its log file and its position (step, schedule);
+    resumed from OUT_DIR/ckpt.pt when it belongs to this run, else started from --resume's weights if given."""
+    device = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed + rank())
+    run = types.SimpleNamespace(cfg=cfg, device=device, started=started, is_main=rank() == 0, log_file=None,
+                                out_dir=Path(cfg.out_dir), step=0, schedule=None, overhead=0.0, pending_losses=[],
+                                said_no_metrics=False, pace_start=None)
+    run.ckpt_path = run.out_dir / "ckpt.pt"
+    try:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        run.log_file = open(run.out_dir / "log.jsonl", "a") if run.is_main else None
+    except OSError as error:
+        raise UserError(f"cannot write to --out-dir {run.out_dir}: {error.strerror}") from None
+    state, path, own = find_checkpoint(cfg, run.ckpt_path)  # refused before the data is loaded: another run's
+    load_data(run)
+    run.model, run.raw_model, run.optimizer, run.scaler, run.queue, run.dtype = build_training(cfg, device,
+                                                                                                run.train_set)
+    if state:
+        resume(run, state, path, own)
+    if run.schedule is None and not cfg.minutes:
+        run.schedule = dict(total_steps=cfg.epochs * run.steps_per_epoch, **default_cadences(run))
+    run.first_step = run.saved_step = run.step
+    run.last_save_time = time.time()
+    return run
 
-    def find_checkpoint(self):
-        """-> (state, path, own): this run's OUT_DIR/ckpt.pt (own), else --resume FILE, else (None, None, False).
-        A checkpoint of another model, or in OUT_DIR of another run (data, batch, schedule), is refused in one line."""
-        cfg = self.cfg
-        own = self.ckpt_path.exists()
-        path = self.ckpt_path if own else Path(cfg.resume) if cfg.resume else None
-        if path is None:
-            return None, None, False
-        state = load_checkpoint(path)
-        # settings of older checkpoints that lack a field: its default
-        saved = {**dataclasses.asdict(Config()), **state["config"], "world_size": state.get("world_size", 1)}
-        now = dict(dataclasses.asdict(cfg), world_size=world_size())
-        keys = MODEL_KEYS + (RUN_KEYS if own else ())  # --resume FILE: a new run from another's weights
-        changed = [k for k in keys if saved[k] != now[k] and not (k == "data" and cfg.dataset == "synthetic")]
-        if changed:
-            raise UserError(f"checkpoint {path} was trained with " + ", ".join(f"{k}={saved[k]}" for k in changed)
-                            + "; this run asks for " + ", ".join(f"{k}={now[k]}" for k in changed)
-                            + " (use another --out-dir or the same settings)")
-        return state, path, own
 
-    def resume(self, state, path, own):
-        """Continue from a checkpoint: the model always; optimizer, scaler, queue and step unless it is the authors'."""
-        self.raw_model.load_state_dict(strip_prefixes(state["model"]))
-        if state.get("source") == "authors":
-            self.log(dict(event="init", source=str(path)), f"initialised the model from the authors' checkpoint "
-                     f"{path}; optimizer, schedule and queue start fresh")
-            return
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.queue is not None and state.get("queue"):
-            self.queue.load_state_dict(state["queue"])
-        self.step, self.schedule = state["step"], state.get("schedule") if own else None
-        self.log(dict(event="resume", step=self.step), f"resumed from {path} at step {self.step}")
+def load_data(run):
+    cfg = run.cfg
+    run.train_set, run.eval_set = load_split(cfg, train=True), load_split(cfg, train=False)
+    run.specs = view_specs(cfg)
+    if use_batch_aug(cfg, run.train_set):  # the whole uint8 dataset lives on the device: no loader, no copies
+        run.train_set.images = run.train_set.images.to(run.device)
+        run.train_set.labels = run.train_set.labels.to(run.device)
+    run.global_batch = cfg.batch_size * world_size()
+    run.steps_per_epoch = len(run.train_set) // run.global_batch
+    if run.steps_per_epoch == 0:
+        raise UserError(f"{len(run.train_set)} training images are fewer than one global batch of {run.global_batch}")
+    if run.global_batch < min(cfg.num_classes):  # over-clustering heads may exceed it: the paper's 8000 with 4096
+        warnings.warn(f"global batch {run.global_batch} < smallest head C={min(cfg.num_classes)}: the uniform prior "
+                      f"asks every class to be used by N/C samples of a batch, which needs many samples per class")
+    run.eval_labelled = run.eval_set is not None and all(label >= 0 for label in run.eval_set.targets)
+    run.labelled_train = sum(label >= 0 for label in getattr(run.train_set, "targets", []))
+    if not run.eval_labelled and cfg.eval_every + cfg.knn_every != 0:
+        log(run, dict(event="no_monitors"), f"no labelled evaluation split in {cfg.data}: the test-split NMI/ACC and "
+            "kNN monitors are skipped (the loss and collapse monitors stay; labels are never needed to train)")
 
-    def default_cadences(self):
-        """Epochs between the test-split monitors without a budget: heads every epoch, kNN every 10 epochs on training
-        splits of at most 100,000 labelled images (a pass over the training split each time)."""
-        cfg = self.cfg
-        return dict(eval_every=1 if cfg.eval_every < 0 else cfg.eval_every,
-                    knn_every=(10 if 0 < self.labelled_train <= 100_000 else 0) if cfg.knn_every < 0 else cfg.knn_every)
 
-    @property
-    def total_steps(self):  # before a budget is planned: the provisional --epochs
-        return self.schedule["total_steps"] if self.schedule else self.cfg.epochs * self.steps_per_epoch
+def find_checkpoint(cfg, ckpt_path):
+    """-> (state, path, own): this run's OUT_DIR/ckpt.pt (own), else --resume FILE, else (None, None, False).
+    A checkpoint of another model, or in OUT_DIR of another run (data, batch, schedule), is refused in one line."""
+    own = ckpt_path.exists()
+    path = ckpt_path if own else Path(cfg.resume) if cfg.resume else None
+    if path is None:
+        return None, None, False
+    state = load_checkpoint(path)
+    # settings of older checkpoints that lack a field: its default
+    saved = {**dataclasses.asdict(Config()), **state["config"], "world_size": state.get("world_size", 1)}
+    now = dict(dataclasses.asdict(cfg), world_size=world_size())
+    keys = MODEL_KEYS + (RUN_KEYS if own else ())  # --resume FILE: a new run from another's weights
+    changed = [k for k in keys if saved[k] != now[k] and not (k == "data" and cfg.dataset == "synthetic")]
+    if changed:
+        raise UserError(f"checkpoint {path} was trained with " + ", ".join(f"{k}={saved[k]}" for k in changed)
+                        + "; this run asks for " + ", ".join(f"{k}={now[k]}" for k in changed)
+                        + " (use another --out-dir or the same settings)")
+    return state, path, own
 
-    @property
-    def last_step(self):
-        return min(self.total_steps, self.cfg.max_steps) if self.cfg.max_steps else self.total_steps
 
-    def checkpoint(self):
-        started = time.time()
-        self.check_losses()
-        if self.is_main:
-            save_checkpoint(self.ckpt_path, dict(
-                model=strip_prefixes(self.raw_model.state_dict()), optimizer=self.optimizer.state_dict(),
-                scaler=self.scaler.state_dict(), queue=self.queue.state_dict() if self.queue else None,
-                step=self.step, schedule=self.schedule, world_size=world_size(), config=dataclasses.asdict(self.cfg)))
-        self.saved_step, self.last_save_time = self.step, time.time()
-        self.costs["checkpoint"] = time.time() - started
-        self.overhead += self.costs["checkpoint"]
+def resume(run, state, path, own):
+    """Continue from a checkpoint: the model always; optimizer, scaler, queue and step unless it is the authors'."""
+    run.raw_model.load_state_dict(strip_prefixes(state["model"]))
+    if state.get("source") == "authors":
+        log(run, dict(event="init", source=str(path)), f"initialised the model from the authors' checkpoint {path}; "
+            "optimizer, schedule and queue start fresh")
+        return
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.queue is not None and state.get("queue"):
+        run.queue.load_state_dict(state["queue"])
+    run.step, run.schedule = state["step"], state.get("schedule") if own else None
+    log(run, dict(event="resume", step=run.step), f"resumed from {path} at step {run.step}")
 
-    def check_losses(self):
-        """The losses since the last check, copied to the host at once (no sync per step); a NaN stops the run."""
-        values = torch.stack([loss for _, loss in self.pending_losses]).tolist() if self.pending_losses else []
-        for (step, _), value in zip(self.pending_losses, values):
-            if not math.isfinite(value):
-                raise UserError(f"loss is {value} at step {step}; stopping. {self.ckpt_path} (step {self.saved_step}) is "
-                                "left as it was: lower --lr, or use --precision bf16/fp32 instead of fp16")
-        self.pending_losses.clear()
-        return values
 
-    def run(self):
-        cfg = self.cfg
-        self.log(dict(event="config", config=dataclasses.asdict(cfg), world_size=world_size()),
-                 f"config: {json.dumps(dataclasses.asdict(cfg))}\n{len(self.train_set)} training images, "
-                 f"{self.steps_per_epoch} steps per epoch of {self.global_batch} images, {len(self.specs)} views, "
-                 f"{world_size()} process(es) on {self.device}")
-        if self.step >= self.last_step:  # the loop below is skipped
-            self.log(dict(event="finished", step=self.step), f"already trained {self.step // self.steps_per_epoch} epochs "
-                     f"({self.step} steps) in {self.out_dir}; nothing to do — use another --out-dir to train again")
-        self.interrupted = []  # Ctrl-C finishes the current step, saves a checkpoint, then exits
-        previous_handler = signal.signal(signal.SIGINT, lambda *_: self.interrupted.append(True))
-        try:
-            while self.step < self.last_step:
-                self.train_epoch(self.step // self.steps_per_epoch)
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(self.specs)} views; "
-                            f"try a smaller --batch-size (or fewer --local-crops)") from None
-        finally:
-            signal.signal(signal.SIGINT, previous_handler)
-            if self.log_file:
-                self.log_file.close()
-        return self.raw_model
+def default_cadences(run):
+    """Epochs between the test-split monitors without a budget: heads every epoch, kNN every 10 epochs on training
+    splits of at most 100,000 labelled images (a pass over the training split each time)."""
+    cfg = run.cfg
+    knn_default = 10 if 0 < run.labelled_train <= 100_000 else 0
+    return dict(eval_every=1 if cfg.eval_every < 0 else cfg.eval_every,
+                knn_every=knn_default if cfg.knn_every < 0 else cfg.knn_every)
 
-    def train_epoch(self, epoch):
-        cfg, spe = self.cfg, self.steps_per_epoch
-        monitor = Monitor(cfg.num_classes, self.device)
-        batches = iter(Batches(self.train_set, cfg, self.specs, self.device, epoch, self.step % spe, spe))
-        interval = dict(start=time.time(), wait=0.0, images=0, agree=[])
-        warmup_steps = round(cfg.warmup_epochs * spe)
-        while self.step < self.last_step and self.step // spe == epoch:
-            started = time.time()
-            views, labels, index = next(batches)
-            interval["wait"] += time.time() - started
-            lr = lr_at(self.step, self.total_steps, warmup_steps, cfg.lr, cfg.warmup_lr, cfg.final_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            swap = self.step >= cfg.queue_start * self.total_steps
-            loss, head_logits, agree = train_step(self.model, self.raw_model, self.optimizer, self.scaler, views, labels,
-                                                  index, self.queue, cfg, self.dtype, neighbour_swap=swap)
-            if agree is not None:
-                interval["agree"].append(agree)
-            monitor.update(head_logits)  # argmaxes only: no gradient to detach
-            self.pending_losses.append((self.step, loss))
-            self.step += 1
-            interval["images"] += self.global_batch
-            steps_run = self.step - self.first_step  # by this process; 1, 2, 4, ... log early (the same steps on every rank)
-            early = steps_run < cfg.log_every and (steps_run & (steps_run - 1)) == 0
-            if early or self.step % cfg.log_every == 0 or self.step == self.last_step or self.step % spe == 0:
-                self.log_interval(epoch, lr, monitor, interval)
-                interval = dict(start=time.time(), wait=0.0, images=0, agree=[])
-            if time.time() - self.last_save_time > 60 * cfg.save_every_min:
-                self.checkpoint()
-            if (world_size() == 1 or self.step % cfg.log_every == 0) and any_rank(self.interrupted, self.device):  # DDP: a sync
-                self.checkpoint()
-                self.log(dict(event="interrupted", step=self.step), f"interrupted: saved {self.ckpt_path} at step {self.step}")
-                raise SystemExit(130)
-            if self.schedule is None:
-                self.pace(warmup_steps)
-        self.checkpoint()
-        if self.step % spe == 0 or self.step == self.total_steps:
-            final = self.step == self.total_steps
-            every = self.schedule or self.default_cadences()
-            self.monitor(epoch, *(bool(e) and ((epoch + 1) % e == 0 or final) for e in (every["eval_every"], every["knn_every"])))
 
-    def log_interval(self, epoch, lr, monitor, interval):
-        losses = self.check_losses()
-        loss_mean = all_reduce_sum(torch.tensor([sum(losses) / len(losses)], device=self.device)) / world_size()
-        elapsed = time.time() - interval["start"]
-        record = dict(event="train", epoch=epoch, step=self.step, loss=float(loss_mean), lr=lr,  # mean over ranks
-                      images_per_s=interval["images"] / elapsed, data_wait=interval["wait"] / elapsed, heads=monitor.summary())
-        same_label, labelled = torch.stack(interval["agree"]).sum(0).tolist() if interval["agree"] else (0, 0)
-        if labelled:
-            record["nn_label_agreement"] = same_label / labelled
-        self.log(record, f"epoch {epoch} step {self.step}/{self.total_steps} loss {record['loss']:.4f} lr {lr:.4g} "
-                         f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% | "
-                         + " ".join(f"C{c}: {h['epoch_classes']}/{c} used (batch {h['batch_classes']}), H {h['entropy']:.2f}/"
-                                    f"{h['log_c']:.2f}" for c, h in record["heads"].items())
-                         + (f" | NN same label {record['nn_label_agreement']:.2f}" if labelled else ""))
+def total_steps(run):  # before a budget is planned: the provisional --epochs
+    return run.schedule["total_steps"] if run.schedule else run.cfg.epochs * run.steps_per_epoch
 
-    def monitor(self, epoch, heads, knn):
-        """The due test-split monitors (rank 0, labelled evaluation splits only), each timed for plan_budget."""
-        for what, due in (("heads", heads), ("knn", knn)):
-            if due and self.is_main and self.eval_labelled:
-                started = time.time()
-                self.evaluate(epoch, what)
-                self.costs[what] = time.time() - started
-                self.overhead += self.costs[what]
 
-    def evaluate(self, epoch, what):
-        """One monitor on the test split, without augmentation, the backbone in the training precision. heads: NMI / ACC
-        / ARI of the head(s) whose C is the number of true classes. knn: is the representation improving? Top-1 of a
-        weighted kNN (k = 20) on backbone features, the labelled training images as neighbours."""
-        cfg, model, step = self.cfg, self.raw_model, self.step
-        test = extract(model, self.eval_set, cfg.global_size, cfg.batch_size, cfg.workers, self.device, "test features", self.dtype)
-        for c, predicted in zip(cfg.num_classes, test["predictions"]):
-            if what == "heads" and c == len(self.eval_set.classes):
-                m = cluster_metrics(test["labels"].numpy(), predicted.numpy())
-                self.log(dict(event="eval", epoch=epoch, step=step, head=c, **m),
-                         f"epoch {epoch} eval head C{c}: NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
-        if what == "knn":
-            train = extract(model, self.train_set, cfg.global_size, cfg.batch_size, cfg.workers, self.device,
-                            "kNN training features", self.dtype)
-            labelled = train["labels"] >= 0
-            top1 = knn_accuracy(train["backbone"][labelled], train["labels"][labelled], test["backbone"], test["labels"],
-                                k=min(20, int(labelled.sum())), device=self.device)["top1"]
-            self.log(dict(event="knn", epoch=epoch, step=step, k=20, top1=top1),
-                     f"epoch {epoch} kNN (k=20, backbone features) top-1 {100 * top1:.1f}")
+def last_step(run):
+    return min(total_steps(run), run.cfg.max_steps) if run.cfg.max_steps else total_steps(run)
 
-    def pace(self, warmup_steps):
-        """--minutes: time the steps after the first PACE_WARMUP_STEPS, then plan the budget after at least 10 timed
-        steps and 2 % of the budget, and before the warmup ends (or the provisional schedule's last step). The warmup's
-        length does not depend on the schedule's, so every step follows the planned schedule, unless the warmup is
-        shorter than PACE_WARMUP_STEPS + 10 steps: then the steps before the plan followed the cosine of --epochs."""
-        steps_run = self.step - self.first_step
-        if steps_run == PACE_WARMUP_STEPS:
-            self.pace_start = (time.time(), self.overhead, self.step)
-        if self.pace_start is None or steps_run < PACE_WARMUP_STEPS + 10:
-            return
-        timed = time.time() - self.pace_start[0] - (self.overhead - self.pace_start[1])
-        ready = timed >= 0.02 * 60 * self.cfg.minutes or self.step + 1 >= warmup_steps or self.step + 1 >= self.last_step
-        if any_rank(ready, self.device):  # every rank plans at the same step (DDP: a sync per step until then)
-            self.plan_budget(timed / (self.step - self.pace_start[2]), warmup_steps)
 
-    def plan_budget(self, step_time, warmup_steps):
-        """Fix the schedule's length so that the rest of the run (steps, a checkpoint per epoch, the monitors and the
-        final ones) ends inside the budget. An automatic monitor (-1) runs as often as fits in MONITOR_SHARE of the
-        budget, and not at all, not even after the last step, when one pass costs more than that."""
-        cfg, spe, budget = self.cfg, self.steps_per_epoch, 60 * self.cfg.minutes
-        knn_wanted = cfg.knn_every != 0 and self.labelled_train > 0
-        self.checkpoint()  # timed now, as is a pass over the test split (the heads monitor)
-        if "heads" not in self.costs:
-            self.monitor(self.step // spe, cfg.eval_every != 0 or knn_wanted, False)
-        costs = {what: self.costs.get(what, 0.0) for what in ("checkpoint", "heads")}
-        if self.eval_labelled:  # the kNN monitor passes over both splits: timed if it ran, else in proportion
-            costs["knn"] = self.costs.get("knn", costs["heads"] * (len(self.train_set) + len(self.eval_set)) / len(self.eval_set))
-        remaining = budget * (1 - BUDGET_MARGIN) - (time.time() - self.started)
-        epochs_guess = max(remaining, 0) / (spe * step_time + costs["checkpoint"])
+def check_losses(run):
+    """The losses since the last check, copied to the host at once (no sync per step); a NaN stops the run."""
+    values = torch.stack([loss for _, loss in run.pending_losses]).tolist() if run.pending_losses else []
+    for (step, _), value in zip(run.pending_losses, values):
+        if not math.isfinite(value):
+            raise UserError(f"loss is {value} at step {step}; stopping. {run.ckpt_path} (step {run.saved_step}) is "
+                            "left as it was: lower --lr, or use --precision bf16/fp32 instead of fp16")
+    run.pending_losses.clear()
+    return values
 
-        def cadence(given, cost):
-            if given >= 0 or not self.eval_labelled:
-                return max(given, 0)
-            share = MONITOR_SHARE * budget
-            return 0 if cost > share else max(1, math.ceil(cost * epochs_guess / share))
 
-        every = dict(eval_every=cadence(cfg.eval_every, costs["heads"]),
-                     knn_every=cadence(cfg.knn_every, costs.get("knn", 0.0)) if knn_wanted else 0)
-        monitors = [(costs.get(what, 0.0), every[key]) for what, key in (("heads", "eval_every"), ("knn", "knn_every")) if every[key]]
-        per_step = step_time + (costs["checkpoint"] + sum(cost / e for cost, e in monitors)) / spe
-        final = costs["checkpoint"] + sum(cost for cost, _ in monitors)
-        total = self.step + max(1, int((remaining - final) / (per_step * (1 + PACE_MARGIN))))
-        self.schedule = broadcast_from_main(dict(total_steps=total, **every))  # every rank follows rank 0's plan
-        record = dict(event="budget", minutes=cfg.minutes, images_per_s=self.global_batch / step_time, epochs=total / spe,
-                      seconds_per_step=step_time, costs=costs, planned_at_step=self.step, elapsed=time.time() - self.started,
-                      **self.schedule)
-        when = {key: f"every {e} epoch(s)" if e else "never" for key, e in every.items()}
-        self.log(record, f"budget {cfg.minutes:g} min: {record['images_per_s']:,.0f} img/s measured, {total / spe:.1f} epochs "
-                 f"({total:,} steps); test-split monitor {when['eval_every']} ({costs['heads']:.1f} s each), kNN "
-                 f"{when['knn_every']} ({costs.get('knn', 0):.1f} s each), a checkpoint per epoch ({costs['checkpoint']:.2f} s)")
-        if total <= warmup_steps:
-            warnings.warn(f"the budget allows {total} steps, no more than the {warmup_steps} warmup steps: the cosine never "
-                          f"starts; lower --warmup-epochs or raise --minutes")
+def save(run):
+    started = time.time()
+    check_losses(run)
+    if run.is_main:
+        save_checkpoint(run.ckpt_path, dict(
+            model=strip_prefixes(run.raw_model.state_dict()), optimizer=run.optimizer.state_dict(),
+            scaler=run.scaler.state_dict(), queue=run.queue.state_dict() if run.queue else None, step=run.step,
+            schedule=run.schedule, world_size=world_size(), config=dataclasses.asdict(run.cfg)))
+    run.saved_step, run.last_save_time = run.step, time.time()
+    run.overhead += time.time() - started
+    return time.time() - started
+
+
+def timed_monitors(run, epoch, heads, knn):
+    started = time.time()
+    test_split_monitors(run, epoch, heads, knn)
+    run.overhead += time.time() - started
+    return time.time() - started
 
 
 def train(cfg, started=None):
-    """Train (or resume) the run cfg describes; returns the unwrapped model. started: the budget's clock (default: now)."""
-    return Training(cfg, started).run()
+    """Train (or resume) the run cfg describes; returns the unwrapped model. started: the budget's clock (now)."""
+    run = start_run(cfg, started or time.time())
+    config = dataclasses.asdict(cfg)
+    log(run, dict(event="config", config=config, world_size=world_size()), f"config: {json.dumps(config)}\n"
+        f"{len(run.train_set)} training images, {run.steps_per_epoch} steps per epoch of {run.global_batch} images, "
+        f"{len(run.specs)} views, {world_size()} process(es) on {run.device}")
+    if run.step >= last_step(run):
+        log(run, dict(event="finished", step=run.step), f"already trained {run.step // run.steps_per_epoch} epochs "
+            f"({run.step} steps) in {run.out_dir}; nothing to do — use another --out-dir to train again")
+    interrupted = []  # Ctrl-C finishes the current step, saves a checkpoint, then exits
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        while run.step < last_step(run):
+            train_epoch(run, run.step // run.steps_per_epoch, interrupted)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(run.specs)} views; "
+                        f"try a smaller --batch-size (or fewer --local-crops)") from None
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if run.log_file:
+            run.log_file.close()
+    return run.raw_model
+
+
+def train_epoch(run, epoch, interrupted):
+    """The steps of one epoch (or up to the last step), then a checkpoint and the due test-split monitors."""
+    cfg, spe = run.cfg, run.steps_per_epoch
+    monitor = CollapseMonitor(cfg.num_classes, run.device)
+    batches = iter(Batches(run.train_set, cfg, run.specs, run.device, epoch, run.step % spe, spe))
+    interval = dict(start=time.time(), wait=0.0, images=0, agree=[])
+    warmup_steps = round(cfg.warmup_epochs * spe)
+    while run.step < last_step(run) and run.step // spe == epoch:
+        started = time.time()
+        views, labels, index = next(batches)
+        interval["wait"] += time.time() - started
+        lr = lr_at(run.step, total_steps(run), warmup_steps, cfg.lr, cfg.warmup_lr, cfg.final_lr)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        swap = run.step >= cfg.queue_start * total_steps(run)
+        loss, head_logits, agree = train_step(run.model, run.raw_model, run.optimizer, run.scaler, views, labels,
+                                              index, run.queue, cfg, run.dtype, neighbour_swap=swap)
+        interval["agree"] += [agree] if agree is not None else []
+        monitor.update(head_logits)  # argmaxes only: no gradient to detach
+        run.pending_losses.append((run.step, loss))
+        run.step += 1
+        interval["images"] += run.global_batch
+        steps_run = run.step - run.first_step  # by this process; 1, 2, 4, ... log early (the same on every rank)
+        early = steps_run < cfg.log_every and (steps_run & (steps_run - 1)) == 0
+        if early or run.step % cfg.log_every == 0 or run.step == last_step(run) or run.step % spe == 0:
+            log_interval(run, epoch, lr, monitor, interval)
+            interval = dict(start=time.time(), wait=0.0, images=0, agree=[])
+        if time.time() - run.last_save_time > 60 * cfg.save_every_min:
+            save(run)
+        if (world_size() == 1 or run.step % cfg.log_every == 0) and any_rank(interrupted, run.device):  # DDP: a sync
+            save(run)
+            log(run, dict(event="interrupted", step=run.step), f"interrupted: saved {run.ckpt_path} at step {run.step}")
+            raise SystemExit(130)
+        if cfg.minutes and run.schedule is None:
+            pace(run, steps_run, warmup_steps)
+    save(run)
+    if run.step % spe == 0 or run.step == total_steps(run):
+        final = run.step == total_steps(run)
+        every = run.schedule or default_cadences(run)
+        due = [bool(e) and ((epoch + 1) % e == 0 or final) for e in (every["eval_every"], every["knn_every"])]
+        timed_monitors(run, epoch, *due)
+
+
+def log_interval(run, epoch, lr, monitor, interval):
+    losses = check_losses(run)
+    loss_mean = all_reduce_sum(torch.tensor([sum(losses) / len(losses)], device=run.device)) / world_size()
+    elapsed = time.time() - interval["start"]
+    record = dict(event="train", epoch=epoch, step=run.step, loss=float(loss_mean), lr=lr,  # mean over ranks
+                  images_per_s=interval["images"] / elapsed, data_wait=interval["wait"] / elapsed,
+                  heads=monitor.summary())
+    same_label, labelled = torch.stack(interval["agree"]).sum(0).tolist() if interval["agree"] else (0, 0)
+    if labelled:
+        record["nn_label_agreement"] = same_label / labelled
+    heads = " ".join(f"C{c}: {h['epoch_classes']}/{c} used (batch {h['batch_classes']}), H {h['entropy']:.2f}/"
+                     f"{h['log_c']:.2f}" for c, h in record["heads"].items())
+    log(run, record, f"epoch {epoch} step {run.step}/{total_steps(run)} loss {record['loss']:.4f} lr {lr:.4g} "
+        f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% | {heads}"
+        + (f" | NN same label {record['nn_label_agreement']:.2f}" if labelled else ""))
+
+
+def pace(run, steps_run, warmup_steps):
+    """--minutes: time PACE_STEPS steps after the first PACE_WARMUP_STEPS of this process (checkpoints and monitors
+    in between not counted), then plan the budget: at the same step on every rank, with no collective until then.
+    The warmup's length does not depend on the schedule's, so every step follows the planned cosine unless the
+    warmup is shorter than the steps before the plan."""
+    if steps_run in (PACE_WARMUP_STEPS, PACE_WARMUP_STEPS + PACE_STEPS) and run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # the host may run ahead of the device by a step
+    if steps_run == PACE_WARMUP_STEPS:
+        run.pace_start = (time.time(), run.overhead)
+    elif steps_run == PACE_WARMUP_STEPS + PACE_STEPS:
+        timed = time.time() - run.pace_start[0] - (run.overhead - run.pace_start[1])
+        plan_budget(run, timed / PACE_STEPS, warmup_steps)
+
+
+def plan_budget(run, step_time, warmup_steps):
+    """Fix the schedule's length so that the rest of the run (steps, a checkpoint per epoch, the monitors and the
+    final ones) ends inside the budget, from the step time and one timed checkpoint and heads monitor. An automatic
+    heads monitor (-1) runs as often as fits in MONITOR_SHARE of the budget; an automatic kNN monitor only after the
+    last step; either not at all when one pass costs more than that share. Rank 0's plan is every rank's."""
+    cfg, spe, budget = run.cfg, run.steps_per_epoch, 60 * run.cfg.minutes
+    share = MONITOR_SHARE * budget
+    heads_wanted = run.eval_labelled and cfg.eval_every != 0
+    knn_wanted = run.eval_labelled and cfg.knn_every != 0 and run.labelled_train > 0
+    costs = dict(checkpoint=save(run), heads=timed_monitors(run, run.step // spe, heads_wanted or knn_wanted, False))
+    costs["knn"] = costs["heads"] * (len(run.train_set) + len(run.eval_set)) / len(run.eval_set) if knn_wanted else 0.0
+    remaining = budget * (1 - BUDGET_MARGIN) - (time.time() - run.started)
+    eval_every, knn_every = max(cfg.eval_every, 0), max(cfg.knn_every, 0)  # given cadences are kept
+    if cfg.eval_every < 0 and heads_wanted and costs["heads"] <= share:
+        epochs_left = max(remaining, 0) / (spe * step_time + costs["checkpoint"])
+        eval_every = max(1, math.ceil(costs["heads"] * epochs_left / share))
+    knn_at_end = cfg.knn_every < 0 and knn_wanted and costs["knn"] <= share
+    per_epoch = spe * step_time + costs["checkpoint"] + sum(
+        costs[what] / every for what, every in (("heads", eval_every), ("knn", knn_every)) if every)
+    final = costs["checkpoint"] + costs["heads"] * bool(eval_every) + costs["knn"] * bool(knn_every or knn_at_end)
+    total = run.step + max(1, int(spe * (remaining - final) / (per_epoch * (1 + PACE_MARGIN))))
+    if knn_at_end:  # every more epochs than the run has: only after the last step
+        knn_every = math.ceil(total / spe) + 1
+    run.schedule = broadcast_from_main(dict(total_steps=total, eval_every=eval_every, knn_every=knn_every))
+    every = run.schedule
+    record = dict(event="budget", minutes=cfg.minutes, images_per_s=run.global_batch / step_time, epochs=total / spe,
+                  seconds_per_step=step_time, costs=costs, planned_at_step=run.step,
+                  elapsed=time.time() - run.started, **every)
+    when = {key: "never" if not e else f"every {e} epoch(s)" if e <= total / spe else "after the last step"
+            for key, e in every.items() if key != "total_steps"}
+    log(run, record, f"budget {cfg.minutes:g} min: {record['images_per_s']:,.0f} img/s measured, {total / spe:.1f} "
+        f"epochs ({total:,} steps); heads monitor {when['eval_every']} ({costs['heads']:.1f} s each), kNN "
+        f"{when['knn_every']} ({costs['knn']:.1f} s each), a checkpoint per epoch ({costs['checkpoint']:.2f} s)")
+    if total <= warmup_steps:
+        warnings.warn(f"the budget allows {total} steps, no more than the {warmup_steps} warmup steps: the cosine "
+                      f"never starts; lower --warmup-epochs or raise --minutes")
 
 
 def main(argv=None):
+    started = time.time()  # the clock of --minutes
     cfg = parse_config(argv)
     try:
-        train(cfg, STARTED)
+        train(cfg, started)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)

@@ -177,17 +177,17 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
 # =====================================================================================================
 # 3. Multi-crop augmentation
 # =====================================================================================================
-def readme_imagenet_command():
-    """The flags of the README's command for the paper's ImageNet configuration."""
-    text = (HERE / "README.md").read_text().split("--rdzv-endpoint=HOST:29500 selfclassifier.py", 1)[1]
+def docs_imagenet_command():
+    """The flags of the command for the paper's ImageNet configuration in docs/faithfulness.md."""
+    text = (HERE / "docs" / "faithfulness.md").read_text().split("--rdzv-endpoint=HOST:29500 selfclassifier.py", 1)[1]
     command = text.split("\n\n", 1)[0].replace("\\\n", " ")
     return [flag for flag in command.split() if flag]
 
 
-def test_readme_imagenet_command_has_the_authors_view_recipe():
+def test_docs_imagenet_command_has_the_authors_view_recipe():
     """The first global view (the one the queue replaces) blurred with p 0.1, the second always blurred and solarised
     with p 0.2, local views blurred with p 0.5 (the authors' recipe; the reverse blur order was once quoted here)."""
-    cfg = sc.parse_config(readme_imagenet_command())
+    cfg = sc.parse_config(docs_imagenet_command())
     assert (cfg.batch_size * 66, cfg.bn_group_size, cfg.precision, cfg.lr) == (4092, 22, "fp32", 3.2)  # train_800ep.sh
     specs = sc.view_specs(cfg)
     assert [s.size for s in specs] == [224, 224] + [96] * 6
@@ -445,7 +445,9 @@ def test_loss_eps_is_the_authors_1e_12_and_it_matters():
     ours = float(sc.self_classifier_loss(logits))
     assert math.isclose(ours, float(reference_loss(logits, 0.1, 0.05, 2, eps=1e-12)), rel_tol=1e-4)
     assert abs(ours - float(reference_loss(logits, 0.1, 0.05, 2, eps=1e-8))) > 0.05 * abs(ours)
-    assert sc.parse_config([]).eps == 1e-12 and sc.parse_config(["--eps", "1e-8"]).eps == 1e-8
+    import inspect  # the training step uses the loss's default eps; there is no --eps flag to change it
+    assert inspect.signature(sc.self_classifier_loss).parameters["eps"].default == 1e-12
+    assert "eps" not in {f.name for f in sc.dataclasses.fields(sc.Config)}
 
 
 def test_loss_skips_local_local_pairs_and_uses_all_others():
@@ -676,7 +678,7 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu():
     torch.manual_seed(0)
     model = sc.build_model(cfg)
     optimizer, scaler = sc.build_optimizer(model, cfg), torch.amp.GradScaler("cpu", enabled=False)
-    queue, monitor = sc.NeighbourQueue(16, cfg.embed_dim), sc.Monitor(cfg.num_classes, "cpu")
+    queue, monitor = sc.NeighbourQueue(16, cfg.embed_dim), sc.CollapseMonitor(cfg.num_classes, "cpu")
     queue.push(F.normalize(torch.randn(16, cfg.embed_dim), dim=1), torch.arange(100, 116), torch.arange(16) % 3)
     assert queue.is_full()  # read once; known from then on
     images, labels = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2, -1, -1])
@@ -1048,7 +1050,7 @@ def ddp_steps(rank, world, out_dir, mutants):
         for mutant in mutants:
             if mutant == "gather_without_grad":  # the usual mistake: other ranks' logits as constants
                 def gather_keeping_only_local_grad(x):
-                    parts = list(sc.gather(x.detach()).chunk(world))
+                    parts = list(sc.all_gather(x.detach()).chunk(world))
                     parts[rank] = x
                     return torch.cat(parts), slice(rank * len(x), (rank + 1) * len(x))
                 sc.gather_with_grad = gather_keeping_only_local_grad
@@ -1164,21 +1166,27 @@ def test_the_loss_gathers_only_when_given_a_gather(two_ranks):
 
 
 def budget_plan_on_both_ranks(rank, out_dir):
-    """Training.pace on a stand-in run where only rank 1 has timed enough steps to plan (its clock started 100 s ago,
-    rank 0's now): with --minutes 10, 2 % of the budget is 12 s."""
+    """sc.pace over 30 steps of a stand-in run whose clock disagrees between the ranks (rank 1 started timing 100 s
+    earlier than rank 0): the steps at which each rank planned the budget."""
     import types
-    run = types.SimpleNamespace(step=20, first_step=0, overhead=0.0, cfg=types.SimpleNamespace(minutes=10.0),
-                                last_step=1000, device=torch.device("cpu"), planned=[],
-                                pace_start=(time.time() - (100.0 if rank == 1 else 0.0), 0.0, 5))
-    run.plan_budget = lambda step_time, warmup_steps: run.planned.append(run.step)
-    sc.Training.pace(run, warmup_steps=500)
-    torch.save(run.planned, Path(out_dir) / f"planned-rank{rank}.pt")
+    run, planned = types.SimpleNamespace(step=0, overhead=0.0, device=torch.device("cpu"), pace_start=None), []
+    original = sc.plan_budget
+    sc.plan_budget = lambda run, step_time, warmup_steps: planned.append(run.step)
+    try:
+        for run.step in range(1, 30):
+            sc.pace(run, run.step, warmup_steps=500)
+            if run.step == sc.PACE_WARMUP_STEPS:
+                run.pace_start = (run.pace_start[0] - (100.0 if rank == 1 else 0.0), 0.0)
+    finally:
+        sc.plan_budget = original
+    torch.save(planned, Path(out_dir) / f"planned-rank{rank}.pt")
 
 
 def test_under_torchrun_every_rank_plans_the_budget_at_the_same_step(two_ranks):
     """Rank 0's plan is broadcast to every rank, so every rank must enter plan_budget at the same step, even when the
-    ranks' clocks disagree on whether enough time has been measured (a rank that planned alone would wait forever)."""
-    assert [torch.load(two_ranks / f"planned-rank{r}.pt") for r in range(2)] == [[20], [20]]
+    ranks' clocks disagree on how much time has been measured (a rank that planned alone would wait forever)."""
+    planned = [torch.load(two_ranks / f"planned-rank{r}.pt") for r in range(2)]
+    assert planned[0] == planned[1] == [sc.PACE_WARMUP_STEPS + sc.PACE_STEPS]
 
 
 # =====================================================================================================

@@ -68,7 +68,7 @@ class Trainer:
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.monitor = sc.Monitor(cfg.num_classes, device)
+        self.monitor = sc.CollapseMonitor(cfg.num_classes, device)
         self.steps_per_epoch = len(train_set) // cfg.batch_size
         self.real = self.real_batches()
 
