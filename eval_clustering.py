@@ -4,7 +4,7 @@ scores a checkpoint.
     python eval_clustering.py --checkpoint out/ckpt.pt          # every head, k-means baselines, kNN, linear probe
     python eval_clustering.py --checkpoint out/ckpt.pt --json scores.json --grid-dir grids
     python eval_clustering.py --arch resnet50 --weights r50.pth --dataset imagefolder --data DIR   # baselines only
-    python eval_clustering.py --plot-log out/log.jsonl curves.png   # a training run's course, drawn
+    python eval_clustering.py --checkpoint out/ckpt.pt --predict photos/ --out classes.csv   # a class per image
 
 Metrics follow scikit-learn's definitions exactly (NMI and AMI with the arithmetic-mean normaliser, AMI with
 the exact expected mutual information, ARI as adjusted_rand_score), with numpy and scipy only. ACC is the
@@ -375,29 +375,17 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
     """Weighted kNN accuracy of frozen features (Wu et al. 2018; the protocol of DINO, lightly and solo-learn).
 
     Both feature sets are l2-normalised, so x.y is the cosine similarity. Each test sample takes its k most similar
-    training samples; neighbour i votes for its label with weight exp(s_i / temperature), and the class with the
-    largest summed vote is the prediction (top-5: the five largest). Weights are computed as
-    exp((s_i - s_max) / temperature), i.e. divided by the constant exp(s_max / temperature) of the test sample,
-    which leaves every ranking unchanged but cannot overflow float32 at small temperatures (exp(1 / 0.01) does).
-    temperature=math.inf gives every neighbour weight 1: the plain majority vote.
+    training samples; neighbour i votes for its label with weight exp(s_i / temperature) (computed as
+    exp((s_i - s_max) / temperature): the same ranking, no float32 overflow); the largest summed vote is the
+    prediction (top-5: the five largest). temperature=math.inf is the plain majority vote. Ties do not depend on
+    torch.topk: tied neighbours by lowest training index (nearest_k), votes summed one neighbour at a time, most
+    similar first (equal weights, bitwise-equal sums), equal sums ranked by lowest class index. Test rows go through
+    in chunks of chunk_rows (default: a similarity block of about 2**24 floats; the normalised training matrix is
+    held once, in float32 on `device`).
 
-    Tie rules (so that the answer does not depend on which of several tied candidates torch.topk returns; exact ties
-    of similarities can still differ with chunk_rows, as a one-row chunk may round a dot product differently):
-      * neighbours: when several training samples share the k-th largest similarity, the ones with the lowest
-        training index are taken (torch.topk alone may pick any of them);
-      * votes: each class adds its neighbours' weights one at a time, most similar first, so classes that receive
-        the same weights get bitwise-equal sums;
-      * ranking: among equal vote sums the lowest class index ranks first (for top-1 and top-5).
-
-    Memory: the normalised training matrix is held once (float32 on `device`: 10.5 GB for 1.28M x 2048) and test
-    rows go through in chunks of chunk_rows, so at most a [chunk_rows, N_train] similarity matrix exists, never an
-    [N_test, N_train] one. The default chunk keeps it near 2**24 floats (64 MB); on a large GPU a bigger chunk_rows
-    (about 100 for ImageNet) is faster.
-
-    train_features [N, D], test_features [M, D]: arrays or tensors; train_labels [N], test_labels [M]: integer
-    class labels >= 0 (-1, this project's mark for unlabelled, is refused). num_classes defaults to the largest
-    label + 1. progress(done), when given, is called after each chunk with the number of test rows scored.
-    Returns {"top1": acc, "top5": acc} with accuracies in [0, 1]; "top5" only with more than 5 classes.
+    train_features [N, D], test_features [M, D]: arrays or tensors; labels: integers >= 0 (-1, this project's mark
+    for unlabelled, is refused); num_classes defaults to the largest label + 1; progress(done) after each chunk.
+    Returns {"top1": acc, "top5": acc} in [0, 1]; "top5" only with more than 5 classes.
     """
     train_x, train_y, test_x, test_y = check_probe_inputs(train_features, train_labels, test_features, test_labels)
     n_train, n_test = len(train_x), len(test_x)
@@ -415,14 +403,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
     chunk_rows = chunk_rows or max(1, (1 << 24) // max(n_train, num_classes))
     device = torch.device(device or input_device(train_features))
 
-    # Normalise the training features in blocks straight into one float32 matrix: a single copy, even when the
-    # input is a float64 array or already lives on `device`.
-    train = torch.empty(n_train, train_x.shape[1], dtype=torch.float32, device=device)
-    for start in range(0, n_train, 1 << 16):
-        rows = train_x[start:start + (1 << 16)].to(device, torch.float32)
-        if not torch.isfinite(rows).all():
-            raise ValueError("train_features contain NaN or inf")
-        train[start:start + len(rows)] = F.normalize(rows, dim=1)
+    train = normalised_float32(train_x, device)
     train_y, test_y = train_y.to(device), test_y.to(device)
 
     correct1 = correct5 = 0
@@ -431,20 +412,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
         if not torch.isfinite(query).all():
             raise ValueError("test_features contain NaN or inf")
         sim = F.normalize(query, dim=1) @ train.T                        # [c, N] cosine similarities
-        sim_k, idx_k = sim.topk(min(k + 1, n_train), dim=1)               # [c, k+1], most similar first
-        if sim_k.shape[1] > k:
-            # The top-k set is ambiguous only where the k-th and (k+1)-th similarities are equal. In those rows keep
-            # every sample above the k-th similarity, then the tied ones in increasing training index up to k.
-            tied = (sim_k[:, k - 1] == sim_k[:, k]).nonzero().flatten()
-            sim_k, idx_k = sim_k[:, :k].contiguous(), idx_k[:, :k].contiguous()
-            if len(tied):
-                s, kth = sim[tied], sim_k[tied, k - 1:k]
-                above, at = s > kth, s == kth
-                keep = above | (at & (at.cumsum(1) <= k - above.sum(1, keepdim=True)))   # exactly k per row
-                idx = keep.nonzero()[:, 1].view(-1, k)                         # increasing training index
-                order = s.gather(1, idx).argsort(dim=1, descending=True)       # back to most similar first
-                idx_k[tied] = idx.gather(1, order)
-                sim_k[tied] = s.gather(1, idx_k[tied])
+        sim_k, idx_k = nearest_k(sim, k)
         weight = ((sim_k - sim_k[:, :1]) / temperature).exp()             # exp(s_i / T) / exp(s_max / T), in (0, 1]
         label_k = train_y[idx_k]                                          # [c, k]
         votes = torch.zeros(len(sim), num_classes, device=device)         # [c, classes]
@@ -463,6 +431,38 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
     return result
 
 
+def normalised_float32(x, device):
+    """l2-normalised rows of x as one float32 matrix on device, filled in blocks: a single copy of a large x."""
+    out = torch.empty(len(x), x.shape[1], dtype=torch.float32, device=device)
+    for start in range(0, len(x), 1 << 16):
+        rows = x[start:start + (1 << 16)].to(device, torch.float32)
+        if not torch.isfinite(rows).all():
+            raise ValueError("train_features contain NaN or inf")
+        out[start:start + len(rows)] = F.normalize(rows, dim=1)
+    return out
+
+
+def nearest_k(sim, k):
+    """The k largest similarities of each row of sim [c, N] and their columns, most similar first; where several
+    columns share the k-th largest value, the lowest columns (training indices) are taken."""
+    sim_k, idx_k = sim.topk(min(k + 1, sim.shape[1]), dim=1)            # [c, k+1], most similar first
+    if sim_k.shape[1] == k:
+        return sim_k, idx_k
+    # ambiguous only where the k-th and (k+1)-th are equal: there keep all above the k-th, then the tied ones in
+    # increasing index up to k
+    tied = (sim_k[:, k - 1] == sim_k[:, k]).nonzero().flatten()
+    sim_k, idx_k = sim_k[:, :k].contiguous(), idx_k[:, :k].contiguous()
+    if len(tied):
+        s, kth = sim[tied], sim_k[tied, k - 1:k]
+        above, at = s > kth, s == kth
+        keep = above | (at & (at.cumsum(1) <= k - above.sum(1, keepdim=True)))   # exactly k per row
+        idx = keep.nonzero()[:, 1].view(-1, k)                         # increasing training index
+        order = s.gather(1, idx).argsort(dim=1, descending=True)       # back to most similar first
+        idx_k[tied] = idx.gather(1, order)
+        sim_k[tied] = s.gather(1, idx_k[tied])
+    return sim_k, idx_k
+
+
 PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
@@ -471,24 +471,17 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
                  progress=None):
     """Linear probe: multinomial logistic regression on frozen features, with the L2 penalty chosen on held-out data.
 
-    Features are standardised with the training split's per-dimension mean and standard deviation (the test split
-    with the same statistics), so the probe does not depend on the scale of each feature. The model is
-    logits = x W^T + b, W [classes, D], fitted by minimising
+    Features are standardised with the training split's per-dimension mean and std (the test split with the same),
+    so the probe does not depend on the scale of each feature. The model, logits = x W^T + b, minimises
 
         L(W, b) = (1/n) sum_i CE(softmax(x_i W^T + b), y_i) + (weight_decay / 2) ||W||_F^2      (b not penalised)
 
-    which is scikit-learn's LogisticRegression(C = 1 / (weight_decay * n)). L is smooth and strictly convex in W, so
-    full-batch L-BFGS (strong-Wolfe line search, float32) finds its minimum; a fit stops after max_iter iterations
-    or when an iteration changes the loss or the parameters by less than 1e-6 (about 10 float32 roundings of a loss
-    near 1).
-
-    Model selection: a stratified val_fraction of the training split (random within each class, fixed by seed) is
-    held out, and the rest is fitted once per weight decay, from the largest to the smallest, each fit starting from
-    the previous solution (a warm-started regularisation path). The weight decay with the best validation top-1 wins
-    (ties: the larger one); the model is refitted on the whole training split from that solution and scored on the
-    test split. Classes absent from the training split are never predicted; equal logits go to the lowest class.
-    Deterministic for a given seed and device. Holds about three float32 copies of the training features.
-    progress(done), when given, is called after each of the len(weight_decays) + 1 fits.
+    scikit-learn's LogisticRegression(C = 1 / (weight_decay * n)), by full-batch L-BFGS (fit_logistic). Model
+    selection: a stratified val_fraction of the training split (fixed by seed) is held out, the rest fitted once per
+    weight decay, largest first, each fit warm-started from the previous one; the best validation top-1 wins (ties:
+    the larger decay), refitted on the whole training split and scored on the test split. Classes absent from the
+    training split are never predicted; equal logits go to the lowest class. Deterministic for a seed and device.
+    progress(done) after each of the len(weight_decays) + 1 fits.
 
     Returns {"top1": test accuracy in [0, 1], "weight_decay": chosen value, "val_top1": {weight_decay: accuracy}}.
     """
@@ -501,64 +494,18 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     device = torch.device(device or input_device(train_features))
-
     x = train_x.to(device, torch.float32)
     mean, std = x.mean(0), x.std(0)
     std[std == 0] = 1                                                     # constant dimensions stay 0 after centring
-    x = (x - mean) / std
-    x_test = (test_x.to(device, torch.float32) - mean) / std
+    x, x_test = (x - mean) / std, (test_x.to(device, torch.float32) - mean) / std
     if not (torch.isfinite(x).all() and torch.isfinite(x_test).all()):
         raise ValueError("features contain NaN or inf")
     y = torch.searchsorted(classes, train_y).to(device)                   # labels -> 0..len(classes)-1
     classes = classes.to(device)
-
-    # Stratified split: shuffle, group by class (stable sort keeps the shuffle inside each class), and send the first
-    # round(val_fraction * n_c) samples of each class (keeping at least one for fitting) to the validation set.
-    gen = torch.Generator().manual_seed(seed)
-    y_cpu = y.cpu()
-    perm = torch.randperm(len(y_cpu), generator=gen)
-    perm = perm[y_cpu[perm].sort(stable=True).indices]
-    counts = torch.bincount(y_cpu)
-    n_val = (counts * val_fraction).round().long().clamp(max=counts - 1)
-    rank_in_class = torch.arange(len(perm)) - (counts.cumsum(0) - counts)[y_cpu[perm]]
-    is_val = rank_in_class < n_val[y_cpu[perm]]
-    if not is_val.any():
-        raise ValueError(f"val_fraction={val_fraction} leaves no validation samples in {len(y_cpu)} training samples")
-    val_idx, fit_idx = perm[is_val].sort().values.to(device), perm[~is_val].sort().values.to(device)
-
-    # Preconditioning. The Hessian of L in W is roughly s M + weight_decay I, with M = x^T x / n (x standardised) and
-    # s ~ 1 / classes the softmax curvature at W = 0; correlated features give it a condition number up to
-    # s lambda_max(M) / weight_decay, over which plain L-BFGS crawls. So L-BFGS optimises V, with W = V diag(d) E^T
-    # where M = E diag(lambda) E^T and d = (s lambda + weight_decay)^(-1/2): in V that quadratic has unit curvature
-    # in every direction. It is a change of variables only: the objective and its minimiser are unchanged.
-    lam, eigvec = torch.linalg.eigh(x.T @ x / len(x))
-    lam = lam.clamp_min(0) / len(classes)
-
-    def fit(features, labels, weight_decay, start):
-        """Minimise L(W, b) from the start (W, b) with full-batch L-BFGS; returns (W [classes, D], b [classes])."""
-        d = (lam + weight_decay).clamp_min(1e-6 * float(lam.max()) or 1.0).rsqrt()  # 1.0: constant features, no decay
-        basis = eigvec * d                                                # [D, D]: W = V basis^T
-        v, b = start[0] @ (eigvec / d), start[1].clone()                  # V = W E diag(1 / d)
-        optimizer = torch.optim.LBFGS([v, b], lr=1, max_iter=max_iter, history_size=10,
-                                      tolerance_grad=1e-6, tolerance_change=1e-6, line_search_fn="strong_wolfe")
-        rows = torch.arange(len(labels), device=device)
-
-        def closure():
-            # Loss and exact gradient by hand, without autograd:
-            # with p = softmax(x W^T + b), dL/dlogits = (p - onehot(y)) / n, hence dL/db = sum_i dL/dlogits_i,
-            # dL/dW = (dL/dlogits)^T x + weight_decay W and, through W = V basis^T, dL/dV = dL/dW basis.
-            w = v @ basis.T
-            log_p = F.linear(features, w, b).log_softmax(1)                  # [n, classes]
-            loss = -log_p[rows, labels].mean() + 0.5 * weight_decay * (w * w).sum()
-            dlogits = log_p.exp_()
-            dlogits[rows, labels] -= 1
-            dlogits /= len(labels)
-            v.grad = (dlogits.T @ features + weight_decay * w) @ basis
-            b.grad = dlogits.sum(0)
-            return loss
-
-        optimizer.step(closure)
-        return v @ basis.T, b
+    val_idx, fit_idx = stratified_split(y.cpu(), val_fraction, seed)
+    val_idx, fit_idx = val_idx.to(device), fit_idx.to(device)
+    lam, eigvec = torch.linalg.eigh(x.T @ x / len(x))                    # for fit_logistic's preconditioner
+    curvature = (lam.clamp_min(0) / len(classes), eigvec)
 
     def top1(params, features, labels):
         """Accuracy of argmax(x W^T + b), mapped back to the original labels (first maximum on ties)."""
@@ -570,16 +517,67 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
     solutions, val_top1 = {}, {}
     x_fit, y_fit, x_val, labels_val = x[fit_idx], y[fit_idx], x[val_idx], classes[y[val_idx]]
     for wd in sorted(weight_decays, reverse=True):                        # strongest regularisation first
-        params = solutions[wd] = fit(x_fit, y_fit, wd, params)
+        params = solutions[wd] = fit_logistic(x_fit, y_fit, wd, params, curvature, max_iter)
         val_top1[wd] = top1(params, x_val, labels_val)
         if progress:
             progress(len(val_top1))
     best = max(sorted(weight_decays, reverse=True), key=lambda wd: val_top1[wd])  # first maximum: the larger wd
-    params = fit(x, y, best, solutions[best])
+    params = fit_logistic(x, y, best, solutions[best], curvature, max_iter)
     if progress:
         progress(len(val_top1) + 1)
     return {"top1": top1(params, x_test, test_y.to(device)), "weight_decay": best,
             "val_top1": {wd: val_top1[wd] for wd in weight_decays}}
+
+
+def stratified_split(y, val_fraction, seed):
+    """(validation indices, fitting indices), each sorted: shuffle, group by class (a stable sort keeps the shuffle
+    inside each class), and send the first round(val_fraction * n_c) samples of each class (keeping at least one
+    for fitting) to the validation set."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    perm = perm[y[perm].sort(stable=True).indices]
+    counts = torch.bincount(y)
+    n_val = (counts * val_fraction).round().long().clamp(max=counts - 1)
+    rank_in_class = torch.arange(len(perm)) - (counts.cumsum(0) - counts)[y[perm]]
+    is_val = rank_in_class < n_val[y[perm]]
+    if not is_val.any():
+        raise ValueError(f"val_fraction={val_fraction} leaves no validation samples in {len(y)} training samples")
+    return perm[is_val].sort().values, perm[~is_val].sort().values
+
+
+def fit_logistic(features, labels, weight_decay, start, curvature, max_iter):
+    """Minimise L(W, b) of linear_probe from start = (W, b) with full-batch L-BFGS (strong-Wolfe line search,
+    float32), stopping after max_iter iterations or when an iteration changes the loss or the parameters by less
+    than 1e-6; returns (W [classes, D], b [classes]).
+
+    Preconditioning: the Hessian of L in W is roughly s M + weight_decay I, with M = x^T x / n (x standardised) and
+    s ~ 1 / classes the softmax curvature at W = 0; correlated features give it a condition number up to
+    s lambda_max(M) / weight_decay, over which plain L-BFGS crawls. So L-BFGS optimises V, with W = V diag(d) E^T
+    where M = E diag(lambda) E^T (curvature = (s lambda, E)) and d = (s lambda + weight_decay)^(-1/2): in V that
+    quadratic has unit curvature in every direction. A change of variables only: the minimiser is unchanged."""
+    lam, eigvec = curvature
+    d = (lam + weight_decay).clamp_min(1e-6 * float(lam.max()) or 1.0).rsqrt()  # 1.0: constant features, no decay
+    basis = eigvec * d                                                # [D, D]: W = V basis^T
+    v, b = start[0] @ (eigvec / d), start[1].clone()                  # V = W E diag(1 / d)
+    optimizer = torch.optim.LBFGS([v, b], lr=1, max_iter=max_iter, history_size=10,
+                                  tolerance_grad=1e-6, tolerance_change=1e-6, line_search_fn="strong_wolfe")
+    rows = torch.arange(len(labels), device=features.device)
+
+    def closure():
+        # Loss and exact gradient by hand, without autograd: with p = softmax(x W^T + b), dL/dlogits =
+        # (p - onehot(y)) / n, hence dL/db = sum_i dL/dlogits_i, dL/dW = (dL/dlogits)^T x + weight_decay W and,
+        # through W = V basis^T, dL/dV = dL/dW basis.
+        w = v @ basis.T
+        log_p = F.linear(features, w, b).log_softmax(1)                  # [n, classes]
+        loss = -log_p[rows, labels].mean() + 0.5 * weight_decay * (w * w).sum()
+        dlogits = log_p.exp_()
+        dlogits[rows, labels] -= 1
+        dlogits /= len(labels)
+        v.grad = (dlogits.T @ features + weight_decay * w) @ basis
+        b.grad = dlogits.sum(0)
+        return loss
+
+    optimizer.step(closure)
+    return v @ basis.T, b
 
 
 # =====================================================================================================
@@ -618,131 +616,59 @@ def read_class_map(path, class_names):
 
 
 # =====================================================================================================
-# Training curves: a PNG of a run's log.jsonl, drawn with PIL (which torchvision already needs)
-# =====================================================================================================
-PLOT_MARGIN = dict(left=56, right=16, top=22, bottom=26)  # pixels around each panel's plot area
-PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-
-
-def training_curves(log_path):
-    """log.jsonl of selfclassifier.py -> three panels [(title, y range or None, [(name, [(epoch, value)])])]: the
-    loss; per head the entropy of its class sizes over the epoch so far / ln C (1: all classes used equally, 0:
-    collapse to one class); the test split's ACC and NMI (%) of the evaluated head(s) and the kNN monitor's top-1."""
-    try:
-        records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-        train = [r for r in records if r.get("event") == "train"]
-        if not train:
-            raise ValueError(f"{log_path} holds no training log lines")
-        steps_per_epoch = max(r["step"] / (r["epoch"] + 1) for r in train)  # a line is logged at every epoch end
-        heads = sorted({int(c) for r in train for c in r["heads"]})
-        monitor = [(f"C={c}", [(r["step"] / steps_per_epoch, r["heads"][str(c)]["entropy"] / r["heads"][str(c)]["log_c"])
-                               for r in train if str(c) in r["heads"]]) for c in heads]
-        evals = [r for r in records if r.get("event") == "eval"]
-        test = [(f"{metric.upper()} C={c}", [(r["epoch"] + 1, 100 * r[metric]) for r in evals if r["head"] == c])
-                for c in sorted({r["head"] for r in evals}) for metric in ("acc", "nmi")]
-        knn = [(r["epoch"] + 1, 100 * r["top1"]) for r in records if r.get("event") == "knn"]
-        loss = [(r["step"] / steps_per_epoch, r["loss"]) for r in train]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ZeroDivisionError):
-        raise ValueError(f"{log_path} is not a log.jsonl of selfclassifier.py") from None
-    return [("loss", None, [("loss", loss)]),
-            ("collapse monitor: entropy of class sizes / ln C", (0.0, 1.05), monitor),
-            ("test split, %", (0.0, 100.0), test + ([("kNN top-1", knn)] if knn else []))]
-
-
-def plot_training_log(log_path, png_path=None, width=960, panel_height=230):
-    """Draw training_curves(log_path) as stacked panels over epochs; save to png_path if given; return the PIL image."""
-    from PIL import Image, ImageDraw
-    panels = training_curves(log_path)
-    x_max = max(x for _, _, series in panels for _, points in series for x, _ in points)
-    image = Image.new("RGB", (width, panel_height * len(panels)), "white")
-    draw = ImageDraw.Draw(image)
-    m = PLOT_MARGIN
-    for index, (title, y_range, series) in enumerate(panels):
-        top, bottom = index * panel_height + m["top"], (index + 1) * panel_height - m["bottom"]
-        left, right = m["left"], width - m["right"]
-        values = [y for _, points in series for _, y in points]
-        low, high = y_range or (min(values, default=0.0), max(values, default=1.0))
-        high = high if high > low else low + 1
-
-        def at(x, y):
-            return left + (right - left) * x / x_max, bottom - (bottom - top) * (y - low) / (high - low)
-
-        draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text((left, top - 16), title, fill="black")
-        for k in range(5):  # y ticks
-            y = low + (high - low) * k / 4
-            draw.text((4, at(0, y)[1] - 6), f"{y:.3g}", fill="black")
-            draw.line([left - 4, at(0, y)[1], left, at(0, y)[1]], fill="black")
-        tick = max(1, round(x_max / 10))
-        for x in range(0, int(x_max) + 1, tick):  # x ticks, in epochs
-            draw.line([at(x, low)[0], bottom, at(x, low)[0], bottom + 4], fill="black")
-            draw.text((at(x, low)[0] - 4, bottom + 6), str(x), fill="black")
-        draw.text((4, bottom + 6), "epoch", fill="black")
-        legend_x = right - 8
-        for (name, points), colour in reversed(list(zip(series, PLOT_COLOURS * 4))):
-            legend_x -= 8 + 7 * len(name)
-            draw.text((legend_x, top - 16), name, fill=colour)
-            xy = [at(x, y) for x, y in points]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for x, y in xy[-1:]:  # the last value (or a lone point) as a dot
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    if png_path:
-        image.save(png_path)
-    return image
-
-
-# =====================================================================================================
 # Command line
 # =====================================================================================================
-def parse_args(argv=None):
+def command_line():
     import selfclassifier as sc
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", help="a checkpoint written by selfclassifier.py, or one of the authors' released checkpoints")
-    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="without --checkpoint: baselines on this torchvision backbone")
-    p.add_argument("--weights", help="with --arch: backbone state dict (random initialisation when omitted)")
-    p.add_argument("--init-seed", type=int, default=0, help="with --arch and no --weights: seed of the random initialisation")
-    p.add_argument("--stem", choices=("cifar", "imagenet"), help="with --arch: stem (default: cifar for images of at most 64 px)")
-    p.add_argument("--image-size", type=sc.positive_int, help="evaluation image side (default: the checkpoint's global crop size, or 32 / 224)")
-    p.add_argument("--dataset", choices=sc.DATASETS, help="default: the checkpoint's dataset")
-    p.add_argument("--data", help="default: the checkpoint's data root")
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data")
-    p.add_argument("--class-map", help="score against superclasses: a JSON object {\"class\": \"superclass\", ...} or a text "
-                   "file of lines 'class superclass' (# starts a comment); a class is its folder name or its index; "
-                   "every class needs a superclass. Default for cifar100: its 20 superclasses")
-    p.add_argument("--cifar100-fine", action="store_true", help="score CIFAR-100 on its 100 fine classes instead of the 20 superclasses")
-    p.add_argument("--kmeans-seeds", type=sc.non_negative_int, default=3, help="k-means runs per feature kind (0 = no k-means baseline)")
-    p.add_argument("--kmeans-features", choices=("l2", "raw"), default="l2", help="l2-normalise the features before k-means (ours) or not (the authors' table)")
-    p.add_argument("--kmeans-train-fraction", type=float, default=1.0, help="fit k-means on this random fraction of the training split (the authors: 0.1 of ImageNet)")
-    p.add_argument("--kmeans-n-init", type=sc.positive_int, default=1, help="k-means++ restarts per seed, best inertia kept (the authors: scikit-learn's 10)")
-    p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True, help="weighted kNN accuracy on backbone features")
-    p.add_argument("--knn-k", type=sc.positive_int, nargs="+", default=[20, 200], help="neighbour counts of the kNN rows (the authors' knn_eval.py: 10 20 100 200)")
-    p.add_argument("--knn-temperature", type=sc.positive_float, default=KNN_TEMPERATURE, help="T of the kNN vote: a neighbour's weight is exp(cosine / T); 0.1 as the authors' knn_eval.py and lightly, DINO and solo-learn use 0.07")
-    p.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=True, help="linear-probe accuracy on backbone features")
-    p.add_argument("--batch-size", type=sc.positive_int, default=512)
-    p.add_argument("--workers", type=sc.non_negative_int, default=min(8, sc.available_cpus()))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the backbone's precision: fp32 as the "
-                   "authors' evaluation, or bf16 autocast (faster on a GPU, slightly different features); the projection "
-                   "and heads always run in float32")
-    p.add_argument("--json", help="also write the numbers to this JSON file")
-    p.add_argument("--plot-log", nargs=2, metavar=("LOG", "PNG"), help="instead of scoring: draw a training run's "
-                   "log.jsonl (loss, collapse monitors, test ACC / NMI and kNN per epoch) into a PNG")
-    p.add_argument("--grid-dir", help="save a PNG grid of random evaluation images for each best-matched predicted class "
-                   "(with --predict: of each predicted class of every head, largest classes first)")
-    p.add_argument("--predict", metavar="DIR", help="instead of scoring: classify every image under DIR (any depth, no "
-                   "labels needed) with --checkpoint's heads and write the classes to --out")
-    p.add_argument("--out", default="predictions.csv", help="with --predict: the CSV written (relative path, then per "
-                   "head the predicted class and its probability)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--checkpoint", help="a checkpoint of selfclassifier.py, or one of the authors' released checkpoints")
+    add("--arch", choices=("resnet18", "resnet34", "resnet50"), help="without --checkpoint: baselines on this backbone")
+    add("--weights", help="with --arch: backbone state dict (random initialisation when omitted)")
+    add("--init-seed", type=int, default=0, help="with --arch and no --weights: seed of the random initialisation")
+    add("--stem", choices=("cifar", "imagenet"), help="with --arch: stem (default: cifar for images up to 64 px)")
+    add("--image-size", type=sc.positive_int, help="evaluation image side (default: the checkpoint's global crop size, "
+        "or 32 / 96 / 224)")
+    add("--dataset", choices=sc.DATASETS, help="default: the checkpoint's dataset")
+    add("--data", help="default: the checkpoint's data root")
+    add("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data")
+    add("--class-map", help="score against superclasses: a JSON object {\"class\": \"superclass\", ...} or lines "
+        "'class superclass' (# comments); a class is its folder name or index. Default for cifar100: its 20")
+    add("--cifar100-fine", action="store_true", help="score CIFAR-100 on its 100 classes, not the 20 superclasses")
+    add("--kmeans-seeds", type=sc.non_negative_int, default=3, help="k-means runs per feature kind (0 = none)")
+    add("--kmeans-features", choices=("l2", "raw"), default="l2", help="l2-normalised features (ours) or raw (the "
+        "authors' table)")
+    add("--kmeans-train-fraction", type=float, default=1.0, help="fit k-means on this random fraction of the "
+        "training split (the authors: 0.1)")
+    add("--kmeans-n-init", type=sc.positive_int, default=1, help="k-means++ restarts per seed (the authors: 10)")
+    add("--knn", action=argparse.BooleanOptionalAction, default=True, help="weighted kNN on backbone features")
+    add("--knn-k", type=sc.positive_int, nargs="+", default=[20, 200], help="neighbour counts of the kNN rows")
+    add("--knn-temperature", type=sc.positive_float, default=KNN_TEMPERATURE, help="T of the kNN vote, weights "
+        "exp(cosine / T) (the authors' 0.1; DINO and solo-learn: 0.07)")
+    add("--linear-probe", action=argparse.BooleanOptionalAction, default=True, help="linear probe on backbone features")
+    add("--batch-size", type=sc.positive_int, default=512)
+    add("--workers", type=sc.non_negative_int, default=min(8, sc.available_cpus()))
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--precision", choices=("fp32", "bf16"), default="fp32", help="the backbone's: fp32 as the authors' evaluation, "
+        "or bf16 autocast (faster on a GPU); projection and heads always in float32")
+    add("--json", help="also write the numbers to this JSON file")
+    add("--grid-dir", help="a PNG of random images of each predicted class (with --predict: of every head)")
+    add("--predict", metavar="DIR", help="instead of scoring: classify every image under DIR (any depth, no labels) "
+        "with --checkpoint's heads into --out")
+    add("--out", default="predictions.csv", help="with --predict: the CSV (path, then per head class and probability)")
+    return p
+
+
+def parse_args(argv=None):
+    p = command_line()
     args = p.parse_args(argv)
-    if args.plot_log:
-        return args
     if args.predict and not args.checkpoint:
         p.error("--predict classifies with a trained model: it needs --checkpoint")
     if args.predict and not Path(args.out).resolve().parent.is_dir():
         p.error(f"--out {args.out}: the folder {Path(args.out).resolve().parent} does not exist")
     if not args.checkpoint and not args.arch:
-        p.error("give --checkpoint, or --arch (with --dataset) for baselines without a checkpoint (or --plot-log)")
+        p.error("give --checkpoint, or --arch (with --dataset) for baselines without a checkpoint")
     if not args.checkpoint and not args.dataset:
         p.error("--arch needs --dataset (and --data)")
     if not 0 < args.kmeans_train_fraction <= 1:
@@ -761,41 +687,47 @@ def parse_args(argv=None):
 
 
 def load_model_and_config(args):
+    """The checkpoint's model and config (--dataset / --data override where to evaluate), or a ResNet with --weights
+    or a seeded random initialisation for the baselines."""
     import selfclassifier as sc
     if args.checkpoint:
         state = sc.load_checkpoint(args.checkpoint)
         try:
             model, cfg = sc.model_from_checkpoint(state)
         except (RuntimeError, TypeError) as error:
-            raise sc.UserError(f"{args.checkpoint} does not match this code's model ({str(error).splitlines()[0]})") from None
+            raise sc.UserError(f"{args.checkpoint} does not match this code's model ({sc.one_line(error)})") from None
         overrides = {k: v for k, v in dict(dataset=args.dataset, data=args.data, download=args.download).items() if v}
         return model, sc.config_from_checkpoint(state, **overrides)
-    size = args.image_size or (32 if args.dataset in ("cifar10", "cifar100", "synthetic") else 96 if args.dataset == "stl10" else 224)
-    stem = sc.resolve_stem(args.stem or "auto", size)
-    cfg = sc.Config(dataset=args.dataset, data=args.data or "./data", download=args.download, arch=args.arch, stem=stem,
-                    global_size=size, num_classes=[])
+    size = args.image_size or {"stl10": 96, "imagefolder": 224}.get(args.dataset, 32)
+    cfg = sc.Config(dataset=args.dataset, data=args.data or "./data", download=args.download, arch=args.arch,
+                    stem=sc.resolve_stem(args.stem or "auto", size), global_size=size, num_classes=[])
     with torch.random.fork_rng(devices=[]):  # a reproducible random initialisation; the caller's RNG is left as it was
         torch.manual_seed(args.init_seed)
-        model = sc.build_model(cfg, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        model = sc.build_model(cfg, *sc.IMAGENET_MEAN_STD)
     if args.weights:
-        if not Path(args.weights).is_file():
-            raise sc.UserError(f"--weights {args.weights} does not exist")
-        try:
-            weights = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except Exception as error:  # not a torch file, truncated, or pickled objects beyond tensors
-            raise sc.UserError(f"cannot read --weights {args.weights} ({sc.one_line(error)})") from None
-        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
-        if not isinstance(weights, dict):
-            raise sc.UserError(f"--weights {args.weights} holds a {type(weights).__name__}, not a state_dict")
-        weights = {k.removeprefix("backbone."): v for k, v in sc.strip_prefixes(weights).items() if not k.startswith("fc.")}
-        try:
-            missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
-        except RuntimeError as error:  # tensors of another shape: another architecture
-            raise sc.UserError(f"--weights {args.weights} does not fit --arch {args.arch}: "
-                               f"{str(error).splitlines()[-1].strip()}") from None
-        if missing:
-            raise sc.UserError(f"--weights {args.weights} lacks {len(missing)} {args.arch} tensors, e.g. {missing[0]}")
+        load_backbone_weights(model, args.weights, args.arch)
     return model, cfg
+
+
+def load_backbone_weights(model, path, arch):
+    import selfclassifier as sc
+    if not Path(path).is_file():
+        raise sc.UserError(f"--weights {path} does not exist")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, truncated, or pickled objects beyond tensors
+        raise sc.UserError(f"cannot read --weights {path} ({sc.one_line(error)})") from None
+    weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
+    if not isinstance(weights, dict):
+        raise sc.UserError(f"--weights {path} holds a {type(weights).__name__}, not a state_dict")
+    weights = {k.removeprefix("backbone."): v for k, v in sc.strip_prefixes(weights).items() if not k.startswith("fc.")}
+    try:
+        missing, _ = model.backbone.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # tensors of another shape: another architecture
+        raise sc.UserError(f"--weights {path} does not fit --arch {arch}: "
+                           f"{str(error).splitlines()[-1].strip()}") from None
+    if missing:
+        raise sc.UserError(f"--weights {path} lacks {len(missing)} {arch} tensors, e.g. {missing[0]}")
 
 
 def table_cell(value):
@@ -806,20 +738,22 @@ def table_cell(value):
     return f"{100 * value:12.1f}"
 
 
+TABLE_COLUMNS = dict(nmi="NMI", ami="AMI", ari="ARI", acc="ACC", acc_majority="ACC-maj",
+                     acc_hungarian_majority="ACC-H+maj", acc_via_fine_classes="ACC-via-fine")
+
+
 def format_table(rows):
-    """The clustering rows (NMI ... ACC-H+maj, ACC-via-fine; mean ± std for k-means; only the columns some row has),
-    then the representation rows (top-1/5)."""
+    """The clustering rows (mean ± std for k-means; only the columns some row has), then the representation rows."""
     width = max(map(len, rows)) if rows else 0
-    columns = dict(nmi="NMI", ami="AMI", ari="ARI", acc="ACC", acc_majority="ACC-maj", acc_hungarian_majority="ACC-H+maj",
-                   acc_via_fine_classes="ACC-via-fine")
-    columns = {key: title for key, title in columns.items() if any(key in scores for scores in rows.values())}
+    columns = {key: title for key, title in TABLE_COLUMNS.items() if any(key in scores for scores in rows.values())}
     lines = [f"{'':{width}s} " + " ".join(f"{title:>12s}" for title in columns.values())]
     lines += [f"{name:{width}s} " + " ".join(table_cell(scores.get(key)) for key in columns)
               for name, scores in rows.items() if "nmi" in scores]
     representation = [(name, scores) for name, scores in rows.items() if "top1" in scores]
     if representation:
         lines.append(f"\n{'':{width}s} {'top-1':>12s} {'top-5':>12s}")
-        lines += [f"{name:{width}s} {table_cell(scores['top1'])} {table_cell(scores.get('top5'))}" for name, scores in representation]
+        lines += [f"{name:{width}s} {table_cell(scores['top1'])} {table_cell(scores.get('top5'))}"
+                  for name, scores in representation]
     return "\n".join(lines)
 
 
@@ -854,15 +788,16 @@ def predict(args):
     dtype = sc.autocast_dtype(args.precision, torch.device(args.device))  # fp32: None, bf16: autocast
     out = sc.extract(model.to(args.device), images, size, args.batch_size, args.workers, args.device, "predictions",
                      dtype, cfg.row_tau)
-    paths = [images.paths[i] if isinstance(images, sc.ImageArray) else images.samples[i][0] for i in out["index"].tolist()]
-    if len(paths) < len(images):
-        print(f"{root}: skipped {len(images) - len(paths)} unreadable image(s) of {len(images)}", file=sys.stderr)
+    files = images.paths if isinstance(images, sc.ImageArray) else [path for path, _ in images.samples]
+    paths = [files[i] for i in out["index"].tolist()]
+    sc.warn_skipped(root, len(images), len(paths))
+    heads = range(len(cfg.num_classes))
     with open(args.out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path"] + [f"{kind}_C{c}" for c in cfg.num_classes for kind in ("class", "probability")])
         for row, path in enumerate(paths):
-            writer.writerow([Path(path).relative_to(root)] + [value for head in range(len(cfg.num_classes)) for value in
-                               (int(out["predictions"][head][row]), f"{float(out['probabilities'][head][row]):.4f}")])
+            writer.writerow([Path(path).relative_to(root)] + [value for head in heads for value in (
+                int(out["predictions"][head][row]), f"{float(out['probabilities'][head][row]):.4f}")])
     print(f"wrote {args.out}: {len(paths)} images of {root}, {len(cfg.num_classes)} head(s)")
     for c, predicted in zip(cfg.num_classes, out["predictions"]):
         sizes = np.bincount(predicted.numpy(), minlength=c)
@@ -874,69 +809,77 @@ def predict(args):
 
 
 def mean_and_std(runs):
-    return {m: dict(mean=float(np.mean([r[m] for r in runs])), std=float(np.std([r[m] for r in runs]))) for m in runs[0]}
+    return {m: dict(mean=float(np.mean([r[m] for r in runs])), std=float(np.std([r[m] for r in runs])))
+            for m in runs[0]}
+
+
+def true_classes(args, cfg, eval_set):
+    """(fine class -> scored class map or None, names of the scored classes): --class-map's superclasses, CIFAR-100's
+    20 superclasses unless --cifar100-fine, else the dataset's classes."""
+    if args.class_map:  # read before the features are extracted: a bad map fails at once
+        return read_class_map(args.class_map, list(eval_set.classes))
+    if cfg.dataset == "cifar100" and not args.cifar100_fine:
+        return CIFAR100_SUPERCLASS, [f"superclass{i}" for i in range(20)]
+    return None, list(eval_set.classes)
+
+
+def representation_rows(args, train, test, labels, to_superclass):
+    """kNN rows and the linear probe on backbone features, the labelled training images as training data."""
+    import selfclassifier as sc
+    train_labels = train["labels"].numpy()
+    labelled = train_labels >= 0  # STL-10's training split includes its unlabelled images
+    if not labelled.any():
+        print(f"no labelled training images in {args.dataset or 'the dataset'}: no kNN or linear probe",
+              file=sys.stderr)
+        return {}
+    features, train_labels = train["backbone"][labelled], train_labels[labelled]
+    if to_superclass is not None:
+        train_labels = to_superclass[train_labels]
+    rows, other_t = {}, f", T={args.knn_temperature:g}" if args.knn_temperature != KNN_TEMPERATURE else ""
+    for k in args.knn_k if args.knn else ():
+        rows[f"kNN k={k}{other_t} (backbone)"] = knn_accuracy(
+            features, train_labels, test["backbone"], labels, k=min(k, len(train_labels)),
+            temperature=args.knn_temperature, device=args.device,
+            progress=sc.Progress(f"kNN k={k}", len(labels), "test images"))
+    if args.linear_probe:
+        progress = sc.Progress("linear probe", len(PROBE_WEIGHT_DECAYS) + 1, "fits")
+        rows["linear probe (backbone)"] = linear_probe(features, train_labels, test["backbone"], labels,
+                                                       device=args.device, progress=progress)
+    return rows
 
 
 def evaluate(args):
+    """Every head's clustering scores on the evaluation split, the k-means baselines, kNN and linear probe."""
     import selfclassifier as sc
     model, cfg = load_model_and_config(args)
-    model = model.to(args.device)
-    size = args.image_size or cfg.global_size
+    model, size = model.to(args.device), args.image_size or cfg.global_size
     eval_set = sc.load_split(cfg, train=False)
-    to_superclass, class_names = None, list(eval_set.classes)
-    if args.class_map:  # read before the features are extracted: a bad map fails at once
-        to_superclass, class_names = read_class_map(args.class_map, class_names)
-    elif cfg.dataset == "cifar100" and not args.cifar100_fine:
-        to_superclass, class_names = CIFAR100_SUPERCLASS, [f"superclass{i}" for i in range(20)]
+    to_superclass, class_names = true_classes(args, cfg, eval_set)
     dtype = sc.autocast_dtype(args.precision, torch.device(args.device))  # fp32: None, bf16: autocast
-    ev = sc.extract(model, eval_set, size, args.batch_size, args.workers, args.device, "evaluation-split features", dtype)
-    labels = ev["labels"].numpy()
-    if (labels < 0).any():
+    extract = lambda split, what: sc.extract(model, split, size, args.batch_size, args.workers, args.device, what,
+                                             dtype)
+    ev = extract(eval_set, "evaluation-split features")
+    fine_labels = ev["labels"].numpy()
+    if (fine_labels < 0).any():
         raise ValueError(f"the {cfg.dataset} evaluation split is unlabelled: nothing to score against")
-    fine_labels = labels
-    if to_superclass is not None:
-        labels = to_superclass[labels]
-    num_true = len(np.unique(labels))
-    rows = {}
+    labels = fine_labels if to_superclass is None else to_superclass[fine_labels]
+    num_true, rows = len(np.unique(labels)), {}
     for c, pred in zip(cfg.num_classes, ev["predictions"]):
         rows[f"head C={c}"] = cluster_metrics(labels, pred.numpy(), num_clusters=c)
         if to_superclass is not None:  # the authors' superclass ACC beside ours
             rows[f"head C={c}"]["acc_via_fine_classes"] = superclass_accuracy(fine_labels, pred.numpy(), to_superclass)
     if args.kmeans_seeds > 0 or args.knn or args.linear_probe:
-        train_set = sc.load_split(cfg, train=True)
-        tr = sc.extract(model, train_set, size, args.batch_size, args.workers, args.device, "training-split features", dtype)
-    if args.kmeans_seeds > 0:
-        protocol = f"{args.kmeans_features}" + (f", {args.kmeans_train_fraction:g} of train" if args.kmeans_train_fraction < 1 else "")
-        for title, key in [("backbone", "backbone")] + ([("projection", "embedding")] if args.checkpoint else []):
-            progress = sc.Progress(f"k-means on {title} features", args.kmeans_seeds, "seeds")
-            runs = kmeans_baseline(tr[key], ev[key], labels, num_true, range(args.kmeans_seeds), args.kmeans_features == "l2",
-                                   args.kmeans_train_fraction, args.kmeans_n_init, progress, args.device)
-            rows[f"k-means {title} (k={num_true}, {protocol}, {len(runs)} seeds)"] = mean_and_std(runs)
+        tr = extract(sc.load_split(cfg, train=True), "training-split features")
+    fraction = f", {args.kmeans_train_fraction:g} of train" if args.kmeans_train_fraction < 1 else ""
+    features = [("backbone", "backbone"), ("projection", "embedding")][:2 if args.checkpoint else 1]
+    for title, key in features if args.kmeans_seeds > 0 else ():
+        runs = kmeans_baseline(tr[key], ev[key], labels, num_true, range(args.kmeans_seeds), args.kmeans_features == "l2",
+                               args.kmeans_train_fraction, args.kmeans_n_init,
+                               sc.Progress(f"k-means on {title} features", args.kmeans_seeds, "seeds"), args.device)
+        rows[f"k-means {title} (k={num_true}, {args.kmeans_features}{fraction}, {len(runs)} seeds)"] = mean_and_std(runs)
     if args.knn or args.linear_probe:
-        train_labels = tr["labels"].numpy()
-        labelled = train_labels >= 0  # STL-10's training split includes its unlabelled images
-        if not labelled.any():
-            print(f"no labelled training images in {cfg.dataset}: no kNN or linear probe", file=sys.stderr)
-        else:
-            train_features, train_labels = tr["backbone"][labelled], train_labels[labelled]
-            if to_superclass is not None:
-                train_labels = to_superclass[train_labels]
-            other_t = f", T={args.knn_temperature:g}" if args.knn_temperature != KNN_TEMPERATURE else ""
-            for k in args.knn_k if args.knn else ():
-                progress = sc.Progress(f"kNN k={k}", len(labels), "test images")
-                rows[f"kNN k={k}{other_t} (backbone)"] = knn_accuracy(
-                    train_features, train_labels, ev["backbone"], labels, k=min(k, len(train_labels)),
-                    temperature=args.knn_temperature, device=args.device, progress=progress)
-            if args.linear_probe:
-                progress = sc.Progress("linear probe", len(PROBE_WEIGHT_DECAYS) + 1, "fits")
-                rows["linear probe (backbone)"] = linear_probe(train_features, train_labels, ev["backbone"], labels,
-                                                               device=args.device, progress=progress)
-    source = args.checkpoint or f"{args.arch} ({args.weights or f'random init, seed {args.init_seed}'})"
-    print(f"{source} on {cfg.dataset} evaluation split ({len(labels)} images, {num_true} classes)")
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(source=source, dataset=cfg.dataset, images=len(labels),
-                                                   num_classes=num_true, scores=rows), indent=2))
+        rows.update(representation_rows(args, tr, ev, labels, to_superclass))
+    report(args, cfg, rows, len(labels), num_true)
     if args.grid_dir and cfg.num_classes:  # the head whose C is nearest the number of classes
         head = min(range(len(cfg.num_classes)), key=lambda h: abs(cfg.num_classes[h] - num_true))
         predicted = ev["predictions"][head].numpy()
@@ -948,14 +891,19 @@ def evaluate(args):
     return rows
 
 
+def report(args, cfg, rows, images, num_true):
+    source = args.checkpoint or f"{args.arch} ({args.weights or f'random init, seed {args.init_seed}'})"
+    print(f"{source} on {cfg.dataset} evaluation split ({images} images, {num_true} classes)")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(source=source, dataset=cfg.dataset, images=images,
+                                                   num_classes=num_true, scores=rows), indent=2))
+
+
 def main(argv=None):
     import selfclassifier as sc
     args = parse_args(argv)
     try:
-        if args.plot_log:
-            plot_training_log(*args.plot_log)
-            print(f"wrote {args.plot_log[1]}")
-            return None
         return predict(args) if args.predict else evaluate(args)
     except (sc.UserError, ValueError, OSError) as error:  # OSError: e.g. --json or --grid-dir not writable
         print(f"error: {error}", file=sys.stderr)

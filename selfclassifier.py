@@ -348,14 +348,13 @@ momentum_type = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 class Config:
     # data
     dataset: str = option("cifar10", "training data", choices=DATASETS)
-    data: str = option("./data", "dataset root; imagefolder reads DATA/train/<class>/* and DATA/test (or val)/"
-                       "<class>/*, or every image under DATA (unlabelled) when there is no DATA/train")
+    data: str = option("./data", "dataset root; imagefolder: DATA/train/<class>/* and DATA/test (or val)/<class>/*, "
+                       "or, without DATA/train, every image under DATA, unlabelled")
     download: bool = option(False, "let torchvision download CIFAR / STL-10 into --data")
-    in_memory_max_size: int = option(96, "imagefolder: decode the images once into memory (uint8, 3 x side^2 bytes "
-                                     "each) when they are at most this many pixels a side; 0 = read from disk",
+    in_memory_max_size: int = option(96, "imagefolder: decode into memory images of at most this side (0 = never)",
                                      type=non_negative_int)
-    batch_aug: str = option("auto", "auto = augment whole in-memory batches on the training device, each image with "
-                            "its own random parameters; off = per image in DataLoader workers", choices=("auto", "off"))
+    batch_aug: str = option("auto", "auto = augment in-memory batches on the training device; off = per image in "
+                            "DataLoader workers", choices=("auto", "off"))
     workers: int = option(min(8, available_cpus()), "data-loading processes per GPU", type=non_negative_int)
     # multi-crop augmentation (paper: 2 x 224 px at scale (0.4, 1), 6 x 96 px at scale (0.05, 0.4))
     global_size: int = option(32, "side of the two global crops in pixels", type=positive_int)
@@ -363,72 +362,59 @@ class Config:
     local_crops: int = option(4, "number of local crops (0 = two views only)", type=non_negative_int)
     local_size: int = option(16, "side of the local crops in pixels", type=positive_int)
     local_scale: tuple = option((0.05, 0.4), "area range of the local crops", nargs=2, type=scale_type)
-    jitter: tuple = option((0.4, 0.4, 0.2, 0.1), "colour jitter strengths: brightness contrast saturation hue "
-                           "(the authors')", nargs=4, type=non_negative_float)
+    jitter: tuple = option((0.4, 0.4, 0.2, 0.1), "colour jitter: brightness contrast saturation hue", nargs=4,
+                           type=non_negative_float)
     jitter_prob: float = option(0.8, "probability of the colour jitter", type=probability)
     gray_prob: float = option(0.2, "probability of grayscale", type=probability)
-    blur_prob: tuple = option((0.0, 0.0, 0.0), "Gaussian blur probability of the first global crop, the second, and "
-                              "the local crops (paper: 0.1 1.0 0.5)", nargs=3, type=probability)
+    blur_prob: tuple = option((0.0, 0.0, 0.0), "blur probability of global crop 1, 2, the local crops (paper: 0.1 1 "
+                              "0.5)", nargs=3, type=probability)
     solarize_prob: float = option(0.2, "solarisation probability of the second global crop", type=probability)
     # model
     arch: str = option("resnet18", "torchvision backbone", choices=("resnet18", "resnet34", "resnet50"))
-    stem: str = option("auto", "cifar = 3x3 stride-1 conv, no max-pool; imagenet = 7x7 stride-2 conv + max-pool "
-                       "(16 times fewer pixels); auto = cifar when --global-size <= 64",
-                       choices=("auto", "cifar", "imagenet"))
+    stem: str = option("auto", "cifar = 3x3 conv, no max-pool; imagenet = 7x7 stride-2 conv + max-pool; auto = cifar "
+                       "up to --global-size 64", choices=("auto", "cifar", "imagenet"))
     hidden_dim: int = option(4096, "hidden width of the projection MLP", type=positive_int)
-    embed_dim: int = option(128, "output width of the projection MLP (the l2-normalised embedding)", type=positive_int)
-    num_classes: list = option((10, 20, 40, 80), "one classification head per value, its number of classes C; "
-                               "evaluation scores the head whose C is the number of true classes", nargs="+",
+    embed_dim: int = option(128, "output width of the projection MLP (the embedding)", type=positive_int)
+    num_classes: list = option((10, 20, 40, 80), "one head per value, its number of classes C", nargs="+",
                                type=num_classes_type)
-    # loss (paper: tau_row 0.1, tau_col 0.05)
+    # loss (paper: tau_row 0.1, tau_col 0.05) and nearest-neighbour queue
     row_tau: float = option(0.1, "temperature of the softmax over classes (prediction)", type=positive_float)
     col_tau: float = option(0.05, "temperature of the softmax over the batch (target)", type=positive_float)
-    queue_len: int = option(0, "nearest-neighbour queue length (0 = off; paper: 262144 on ImageNet)",
-                            type=non_negative_int)
-    queue_start: float = option(0.0, "fraction of the schedule after which the queue's neighbours replace the first "
-                                "global view", type=probability)
+    queue_len: int = option(0, "nearest-neighbour queue length (0 = off; paper: 262144)", type=non_negative_int)
+    queue_start: float = option(0.0, "share of the schedule before the queue is used", type=probability)
     # optimisation (the authors' ImageNet script: LARS, lr 3.2 at batch 4096, warmup 10 epochs from 0.2, cosine)
     epochs: int = option(28, "training epochs (with --minutes: until the budget is planned)", type=positive_int)
-    minutes: float = option(0.0, "train to a wall-clock budget instead of --epochs: the schedule's length is planned "
-                            "from the measured pace so that training and its monitors end inside it (0 = off)",
+    minutes: float = option(0.0, "train to this wall-clock budget instead of --epochs (0 = off)",
                             type=non_negative_float)
-    batch_size: int = option(512, "images per GPU per step (at least the smallest head's C)", type=positive_int)
-    optimizer: str = option("lars", "lars = SGD + layer-wise trust ratio (apex LARC, as the authors); sgd = plain SGD",
-                            choices=("lars", "sgd"))
-    lr: float = option(2.0, "peak learning rate (the authors' rule: 0.3 x global batch / 256)", type=positive_float)
-    warmup_lr: float = option(0.2, "learning rate at step 0 (the warmup ends on --lr)", type=non_negative_float)
+    batch_size: int = option(512, "images per GPU per step", type=positive_int)
+    optimizer: str = option("lars", "lars (apex LARC, as the authors) or plain sgd", choices=("lars", "sgd"))
+    lr: float = option(2.0, "peak learning rate (the authors: 0.3 x global batch / 256)", type=positive_float)
+    warmup_lr: float = option(0.2, "learning rate at step 0", type=non_negative_float)
     final_lr: float = option(0.002, "end of the cosine (the authors: --lr / 1000)", type=non_negative_float)
     warmup_epochs: float = option(5.0, "linear warmup length in epochs", type=non_negative_float)
     weight_decay: float = option(1e-5, "weight decay (the authors: 1e-6)", type=non_negative_float)
     momentum: float = option(0.9, "SGD momentum", type=momentum_type)
-    lars_trust: float = option(0.001, "LARS trust coefficient (apex and the authors: 0.001; solo-learn: 0.02 with "
-                               "--lars-clip)", type=positive_float)
-    lars_clip: bool = option(False, "LARS: cap the trust ratio at lr (apex LARC clip=True, solo-learn's LARS)")
-    lars_exclude_1d: bool = option(False, "LARS: plain SGD without weight decay for biases and norm weights (DINO, "
-                                   "solo-learn; the authors adapt every parameter)")
+    lars_trust: float = option(0.001, "LARS trust coefficient (solo-learn: 0.02 with --lars-clip)", type=positive_float)
+    lars_clip: bool = option(False, "LARS: cap the trust ratio at lr (apex's clip=True, solo-learn)")
+    lars_exclude_1d: bool = option(False, "LARS: plain SGD without decay for biases and norms (DINO, solo-learn)")
     # run
-    bn_group_size: int = option(0, "ranks whose batches each BatchNorm pools (0 = all; the authors: 22 of 66 GPUs)",
-                                type=non_negative_int)
-    precision: str = option("auto", "autocast dtype of the backbone; auto = bf16 on Ampere and later GPUs, fp16 "
-                            "with a gradient scaler on older ones, fp32 on the CPU",
-                            choices=("auto", "bf16", "fp16", "fp32"))
-    compile: bool = option(False, "torch.compile the backbone (30 s or more of warm-up)")
+    bn_group_size: int = option(0, "ranks each BatchNorm pools (0 = all; the authors: 22)", type=non_negative_int)
+    precision: str = option("auto", "backbone autocast; auto = bf16 on Ampere and later, fp16 on older GPUs, fp32 on "
+                            "the CPU", choices=("auto", "bf16", "fp16", "fp32"))
+    compile: bool = option(False, "torch.compile the backbone")
     seed: int = option(0, "random seed (each rank adds its rank)", type=int)
     device: str = option("auto", "auto = cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
-    out_dir: str = option("", "ckpt.pt and log.jsonl go here; an existing ckpt.pt of the same run is resumed "
-                          "(default: out/<dataset>, or out/<folder name> for imagefolder)")
-    resume: str = option("", "checkpoint to start from when OUT_DIR/ckpt.pt does not exist: one of ours, or one of "
-                         "the authors' released ones (model only)")
-    max_steps: int = option(0, "stop after this many steps in total (0 = the whole schedule)", type=non_negative_int)
+    out_dir: str = option("", "where ckpt.pt (resumed if of this run) and log.jsonl go; default: out/<dataset or "
+                          "folder name>")
+    resume: str = option("", "start from this checkpoint (ours, or the authors': model only) if OUT_DIR has none")
+    max_steps: int = option(0, "stop after this many steps (0 = the whole schedule)", type=non_negative_int)
     log_every: int = option(50, "steps between log lines (and after 1, 2, 4, ... steps)", type=positive_int)
-    save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints (one at each epoch end anyway)",
-                                   type=positive_float)
-    eval_every: int = option(-1, "epochs between the heads monitor (NMI/ACC on the test split) and after the last "
-                             "step; -1 = every epoch, with --minutes as often as fits in 4 %% of it; 0 = never",
-                             type=epochs_or_auto)
-    knn_every: int = option(-1, "epochs between kNN monitors (k=20 on backbone features) and after the last step; "
-                            "-1 = every 10 epochs up to 100,000 labelled images, with --minutes only after the last "
-                            "step if it fits in 4 %% of it; 0 = never", type=epochs_or_auto)
+    save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints", type=positive_float)
+    eval_every: int = option(-1, "epochs between heads monitors on the test split (-1 = every epoch, with --minutes "
+                             "as often as fits in 4 %% of it; 0 = never)", type=epochs_or_auto)
+    knn_every: int = option(-1, "epochs between kNN monitors (-1 = every 10 epochs up to 100,000 labelled images, "
+                            "with --minutes after the last step if it fits in 4 %% of it; 0 = never)",
+                            type=epochs_or_auto)
 
 
 def config_parser():
@@ -473,7 +459,6 @@ def default_out_dir(cfg):
 def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
     stem = resolve_stem(cfg.stem, cfg.global_size)
     return SelfClassifier(cfg.arch, stem, cfg.hidden_dim, cfg.embed_dim, cfg.num_classes, pixel_mean, pixel_std)
-
 
 
 # =====================================================================================================

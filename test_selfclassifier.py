@@ -1758,6 +1758,15 @@ def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, cap
     assert told_sizes == [10, 20] + [10] * 4  # the heads, then k-means on two features with two seeds
 
 
+def load_script(name):
+    """A script of scripts/ as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, HERE / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_training_curves_are_drawn_where_their_values_are(tmp_path):
     """A log of 3 epochs of 2 steps: the 10-class head's ACC (first colour) rises from 20 to 90 % in the test panel,
     its collapse monitor stays at half of ln C; each is drawn at its value on the panel's scale."""
@@ -1770,18 +1779,19 @@ def test_training_curves_are_drawn_where_their_values_are(tmp_path):
             lines.append(dict(event="eval", epoch=step // 2 - 1, head=10, acc=[0.2, 0.5, 0.9][step // 2 - 1], nmi=0.1))
     lines.append(dict(event="knn", epoch=2, top1=0.7))
     log.write_text("\n".join(map(json.dumps, lines)) + "\n")
-    panels = ec.training_curves(log)
+    plot = load_script("plot_log")
+    panels = plot.training_curves(log)
     assert [name for name, _ in panels[2][2]] == ["ACC C=10", "NMI C=10", "kNN top-1"]
     assert panels[2][2][0][1] == [(1, 20.0), (2, 50.0), (3, 90.0)] and panels[0][2][0][1][-1] == (3.0, 2.0)
     width, height = 600, 200
-    image = np.asarray(ec.plot_training_log(log, tmp_path / "curves.png", width=width, panel_height=height))
+    image = np.asarray(plot.plot_training_log(log, tmp_path / "curves.png", width=width, panel_height=height))
     assert (tmp_path / "curves.png").is_file() and image.shape == (3 * height, width, 3)
-    m = ec.PLOT_MARGIN
+    m = plot.PLOT_MARGIN
 
     def rows_of_first_colour(panel):  # inside the plot area, below the legend
         top, bottom = panel * height + m["top"], (panel + 1) * height - m["bottom"]
         area = image[top + 1:bottom, m["left"] + 1:width - m["right"]]
-        rows = np.flatnonzero((area == ec.PLOT_COLOURS[0]).all(2).any(1)) + top + 1
+        rows = np.flatnonzero((area == plot.PLOT_COLOURS[0]).all(2).any(1)) + top + 1
         return rows, top, bottom
 
     rows, top, bottom = rows_of_first_colour(2)
@@ -1790,14 +1800,14 @@ def test_training_curves_are_drawn_where_their_values_are(tmp_path):
     assert abs(rows.mean() - (bottom - 0.5 / 1.05 * (bottom - top))) <= 4
 
 
-def test_eval_command_line_plots_a_training_log(trained, tmp_path, capsys):
-    png = tmp_path / "curves.png"
-    ec.main(["--plot-log", str(trained / "log.jsonl"), str(png)])
+def test_plot_script_draws_a_training_log(trained, tmp_path, capsys):
+    png, plot = tmp_path / "curves.png", load_script("plot_log")
+    plot.main([str(trained / "log.jsonl"), str(png)])
     assert png.is_file() and capsys.readouterr().out == f"wrote {png}\n"
-    assert [name for name, _ in ec.training_curves(trained / "log.jsonl")[2][2]] == ["ACC C=10", "NMI C=10", "kNN top-1"]
+    assert [name for name, _ in plot.training_curves(trained / "log.jsonl")[2][2]] == ["ACC C=10", "NMI C=10", "kNN top-1"]
     (tmp_path / "not-a-log.jsonl").write_text('{"scores": {}}\n')
     with pytest.raises(SystemExit) as exit_info:
-        ec.main(["--plot-log", str(tmp_path / "not-a-log.jsonl"), str(png)])
+        plot.main([str(tmp_path / "not-a-log.jsonl"), str(png)])
     assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'not-a-log.jsonl'} holds no training log lines\n"
 
 
@@ -2072,10 +2082,7 @@ def test_sweep_trains_variants_at_once_and_a_failure_is_a_row(tmp_path):
 def test_sweep_passes_the_time_budget_only_when_given():
     """A sweep with --minutes trains every variant to that budget; without, the variants follow their --epochs. Its
     --workers comes first, so that a variant's own flags win (argparse keeps the last value)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sweep", HERE / "scripts" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script("sweep")
     command = sweep.train_command(["--lr", "1"], ["--seed", "2"], Path("out/a"), minutes=1.5, workers=3)
     assert command[1:] == [str(HERE / "selfclassifier.py"), "--workers", "3", "--lr", "1", "--seed", "2",
                            "--minutes", "1.5", "--out-dir", "out/a"]

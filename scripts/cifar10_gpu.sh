@@ -79,7 +79,7 @@ $PYTHON eval_clustering.py --checkpoint "$RUN_DIR/ckpt.pt" --json "$RUN_DIR/scor
     $EVAL_FLAGS 2>&1 | tee "$RUN_DIR/eval.txt"
 eval_s=$((SECONDS - start))
 echo "evaluation: $eval_s s"
-$PYTHON eval_clustering.py --plot-log "$RUN_DIR/log.jsonl" "$RUN_DIR/curves.png"
+$PYTHON scripts/plot_log.py "$RUN_DIR/log.jsonl" "$RUN_DIR/curves.png"
 
 # the ledger row (GPU, torch version, commit, scores): scripts/sweep.py reads the run folder as it reads a variant's
 if [ "$MINUTES" = "0" ]; then LEDGER_MINUTES="none"; else LEDGER_MINUTES=$MINUTES; fi
