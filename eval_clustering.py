@@ -171,7 +171,8 @@ def superclass_accuracy(y_fine, y_pred, to_superclass):
     y_fine, y_pred = check_labels(y_fine, y_pred)
     to_superclass = np.asarray(to_superclass)
     if y_fine.min() < 0 or y_fine.max() >= len(to_superclass):
-        raise ValueError(f"fine labels must index to_superclass ({len(to_superclass)} entries), got {y_fine.min()}..{y_fine.max()}")
+        raise ValueError(f"fine labels must index to_superclass ({len(to_superclass)} entries), "
+                         f"got {y_fine.min()}..{y_fine.max()}")
     predicted = matched_then_majority(y_fine, y_pred)
     return float(((predicted >= 0) & (to_superclass[predicted.clip(0)] == to_superclass[y_fine])).mean())
 
@@ -606,12 +607,14 @@ def read_class_map(path, class_names):
     for name, superclass in pairs:
         i = index_of.get(name, int(name) if name.isdigit() and int(name) < len(class_names) else None)
         if i is None:
-            raise ValueError(f"--class-map {path} names class {name!r}, which is neither a class folder nor a class index")
+            raise ValueError(f"--class-map {path} names class {name!r}, which is neither a class folder nor a class "
+                             "index")
         if mapping[i] >= 0:
             raise ValueError(f"--class-map {path} names class {class_names[i]!r} twice")
         mapping[i] = superclasses.setdefault(superclass, len(superclasses))
     if (mapping < 0).any():
-        raise ValueError(f"--class-map {path} gives no superclass for class {class_names[int(np.argmax(mapping < 0))]!r}")
+        missing = class_names[int(np.argmax(mapping < 0))]
+        raise ValueError(f"--class-map {path} gives no superclass for class {missing!r}")
     return mapping, list(superclasses)
 
 
@@ -650,8 +653,8 @@ def command_line():
     add("--batch-size", type=sc.positive_int, default=512)
     add("--workers", type=sc.non_negative_int, default=min(8, sc.available_cpus()))
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--precision", choices=("fp32", "bf16"), default="fp32", help="the backbone's: fp32 as the authors' evaluation, "
-        "or bf16 autocast (faster on a GPU); projection and heads always in float32")
+    add("--precision", choices=("fp32", "bf16"), default="fp32", help="the backbone's: fp32 as the authors' "
+        "evaluation, or bf16 autocast (faster on a GPU); projection and heads always in float32")
     add("--json", help="also write the numbers to this JSON file")
     add("--grid-dir", help="a PNG of random images of each predicted class (with --predict: of every head)")
     add("--predict", metavar="DIR", help="instead of scoring: classify every image under DIR (any depth, no labels) "
@@ -873,10 +876,12 @@ def evaluate(args):
     fraction = f", {args.kmeans_train_fraction:g} of train" if args.kmeans_train_fraction < 1 else ""
     features = [("backbone", "backbone"), ("projection", "embedding")][:2 if args.checkpoint else 1]
     for title, key in features if args.kmeans_seeds > 0 else ():
-        runs = kmeans_baseline(tr[key], ev[key], labels, num_true, range(args.kmeans_seeds), args.kmeans_features == "l2",
-                               args.kmeans_train_fraction, args.kmeans_n_init,
-                               sc.Progress(f"k-means on {title} features", args.kmeans_seeds, "seeds"), args.device)
-        rows[f"k-means {title} (k={num_true}, {args.kmeans_features}{fraction}, {len(runs)} seeds)"] = mean_and_std(runs)
+        progress = sc.Progress(f"k-means on {title} features", args.kmeans_seeds, "seeds")
+        runs = kmeans_baseline(tr[key], ev[key], labels, num_true, range(args.kmeans_seeds),
+                               args.kmeans_features == "l2", args.kmeans_train_fraction, args.kmeans_n_init, progress,
+                               args.device)
+        name = f"k-means {title} (k={num_true}, {args.kmeans_features}{fraction}, {len(runs)} seeds)"
+        rows[name] = mean_and_std(runs)
     if args.knn or args.linear_probe:
         rows.update(representation_rows(args, tr, ev, labels, to_superclass))
     report(args, cfg, rows, len(labels), num_true)
@@ -885,8 +890,8 @@ def evaluate(args):
         predicted = ev["predictions"][head].numpy()
         _, matched = hungarian_accuracy(contingency_matrix(labels, predicted))  # position of cluster -> of class
         clusters, classes = np.unique(predicted), np.unique(labels)
-        names = {clusters[p]: "matched-" + (class_names[classes[c]] if classes[c] < len(class_names) else str(classes[c]))
-                 for p, c in matched.items()}
+        name = lambda label: class_names[label] if label < len(class_names) else str(label)
+        names = {clusters[p]: f"matched-{name(classes[c])}" for p, c in matched.items()}
         save_class_grids(args.grid_dir, eval_set, size, ev["index"].numpy(), predicted, names)
     return rows
 

@@ -5,19 +5,23 @@ Per batch size (on a GPU with cudnn.benchmark off, then on) it measures:
   (b) the same step fed by the real pipeline (the in-memory training images on the device, sc.Batches' batched
       augmentation), as in training;
   the augmentation alone (sc.multi_crop), in ms per step.
-(a) and (b) are each the better of two timings of --bench-steps steps, after 3 + 3 warm-up steps; the augmentation
-is one timing of --bench-steps batches. On the CPU (a rehearsal: the numbers mean little there) no warm-up and one
-timing each, so that a rehearsal is short (a ResNet-18 step on 2 cores takes seconds). The step runs without the nearest-neighbour queue. It prints one line
-`RESULT {json}` per measurement and, at the end, a table; a batch size that runs out of memory gives a row that
-says so, and the next batch size still runs.
+Model, optimizer, gradient scaler and autocast precision are training's own (sc.build_training); the learning rate
+is held at --warmup-lr and the step runs without the nearest-neighbour queue. (a) and (b) are each the better of two
+timings of --bench-steps steps, after 3 + 3 warm-up steps; the augmentation is one timing of --bench-steps batches.
+On the CPU (a smoke run: the numbers mean little there) no warm-up and one timing each, so that it stays short.
+It prints one line `RESULT {json}` per measurement and, at the end, a table; a batch size that runs out of memory
+gives a row that says so, and the next batch size still runs. Measured tables: docs/results.md.
 
-    python scripts/bench_step.py --dataset imagefolder --data data/cifar10-jpeg --batch-sizes 512 1024 2048 --bench-steps 30
-    python scripts/bench_step.py --dataset synthetic --batch-sizes 32 64 --bench-steps 2 --hidden-dim 64   # CPU rehearsal
+    python scripts/bench_step.py --dataset imagefolder --data data/cifar10-jpeg --batch-sizes 512 1024 2048 \
+        --bench-steps 30
+    python scripts/bench_step.py --dataset synthetic --batch-sizes 32 --bench-steps 2 --hidden-dim 64 \
+        --stem imagenet --local-crops 1   # CPU smoke run
 
 Own flags: --batch-sizes B [B ...] (default: --batch-size), --bench-steps N (default 40), --bench-warmup N and
---bench-repeats N (defaults: 3 and 2 on a GPU, 0 and 1 on the CPU), --bench-compile
-(torch.compile(backbone, dynamic=False)), --bench-module NAME (another copy of selfclassifier.py in the repo root,
-e.g. an old commit saved as sc_old.py), --json FILE (every result). All other flags are selfclassifier.py's.
+--bench-repeats N (defaults: 3 and 2 on a GPU, 0 and 1 on the CPU), --bench-compile (the same as selfclassifier.py's
+--compile: torch.compile(backbone) as training does it), --bench-module NAME (another copy of selfclassifier.py in
+the repo root, e.g. an older version saved as sc_old.py), --json FILE (every result). All other flags are
+selfclassifier.py's.
 """
 import argparse
 import gc
@@ -29,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # selfclassifier.py is in the repo root, not in scripts/
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # selfclassifier.py is in the repo root
+
 
 # =====================================================================================================
 # The only section that calls selfclassifier (sc.*): adapt it here when its API changes.
@@ -38,36 +43,32 @@ def load_config(sc, argv):
     return sc.parse_config(argv)
 
 
+def training_device(sc, cfg):
+    return sc.setup_distributed(cfg.device)  # one process: the device training would use, and nothing else
+
+
 def load_training_images(sc, cfg, device):
-    """The training split, its uint8 images and labels on the device (as Training.build_data keeps them for batched augmentation)."""
+    """The training split, its uint8 images and labels on the device (as sc.load_data keeps them for the batched
+    augmentation)."""
     train_set = sc.load_split(cfg, train=True)
-    if not hasattr(train_set, "images"):
-        raise SystemExit("error: the benchmark needs an in-memory dataset (cifar10/100, stl10, synthetic, or an image "
-                         "folder of small images)")
+    if not sc.use_batch_aug(cfg, train_set):
+        raise SystemExit("error: the benchmark needs the batched augmentation of an in-memory dataset (cifar10/100, "
+                         "stl10, synthetic, or an image folder of small images) and --batch-aug auto")
     train_set.images, train_set.labels = train_set.images.to(device), train_set.labels.to(device)
     return train_set
 
 
 class Trainer:
-    """One batch size's model, optimizer and real batch source, set up as selfclassifier.Training.build_model sets them up."""
+    """One batch size's model, optimizer, scaler and autocast dtype as training builds them, and its real batches."""
 
-    def __init__(self, sc, cfg, train_set, device, compile_backbone):
+    def __init__(self, sc, cfg, train_set, device):
         self.sc, self.cfg, self.train_set, self.device = sc, cfg, train_set, device
         self.specs = sc.view_specs(cfg)
         self.view_sizes = [spec.size for spec in self.specs]
-        pixels = train_set.images[:10000].float() / 255  # the per-channel statistics Training.build_model normalises with
-        model = sc.build_model(cfg, pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.optimizer = sc.build_optimizer(model, cfg)
+        self.model, self.raw_model, self.optimizer, self.scaler, _, self.dtype = sc.build_training(cfg, device,
+                                                                                                    train_set)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.warmup_lr  # a small learning rate: dozens of steps on random data without diverging
-        self.raw_model = self.model = model
-        if compile_backbone:
-            model.backbone = torch.compile(model.backbone, dynamic=False)
-        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.monitor = sc.CollapseMonitor(cfg.num_classes, device)
         self.steps_per_epoch = len(train_set) // cfg.batch_size
         self.real = self.real_batches()
@@ -75,19 +76,18 @@ class Trainer:
     def real_batches(self):
         epoch = 0
         while True:  # epoch after epoch, as long as the benchmark asks
-            yield from self.sc.Batches(self.train_set, self.cfg, self.specs, self.device, epoch, 0, self.steps_per_epoch)
+            yield from self.sc.Batches(self.train_set, self.cfg, self.specs, self.device, epoch, 0,
+                                       self.steps_per_epoch)
             epoch += 1
 
     def step(self, views, labels, index):
-        _, logits, _ = self.sc.train_step(self.model, self.raw_model, self.optimizer, self.scaler, views, labels, index,
-                                          None, self.cfg, self.dtype)
-        self.monitor.update(logits)  # Training.train_epoch updates it every step too
+        _, logits, _ = self.sc.train_step(self.model, self.raw_model, self.optimizer, self.scaler, views, labels,
+                                          index, None, self.cfg, self.dtype)
+        self.monitor.update(logits)  # training updates it every step too
 
     def augment(self, seed):
         index = torch.randint(len(self.train_set), (self.cfg.batch_size,), device=self.device)
-        # sc.multi_crop was called sc.batch_views up to commit 1985a86 (same arguments): --bench-module may be older code
-        augment = getattr(self.sc, "batch_views", None) or self.sc.multi_crop
-        augment(self.train_set.images[index], self.specs, seed)
+        self.sc.multi_crop(self.train_set.images[index], self.specs, seed)
 # =====================================================================================================
 
 
@@ -99,9 +99,12 @@ def parse_args(argv):
     p.add_argument("--bench-steps", type=int, default=40, help="steps per timing")
     p.add_argument("--bench-warmup", type=int, help="untimed steps per source first (allocator, cuDNN autotuning, "
                    "torch.compile); default 3 on a GPU, 0 on the CPU")
-    p.add_argument("--bench-repeats", type=int, help="timings per source, the best kept; default 2 on a GPU, 1 on the CPU")
-    p.add_argument("--bench-compile", action="store_true", help="torch.compile(backbone, dynamic=False)")
-    p.add_argument("--bench-module", default="selfclassifier", help="module to benchmark (a .py file in the repo root)")
+    p.add_argument("--bench-repeats", type=int,
+                   help="timings per source, the best kept; default 2 on a GPU, 1 on the CPU")
+    p.add_argument("--bench-compile", action="store_true",
+                   help="the same as selfclassifier.py's --compile: torch.compile(backbone) as training does it")
+    p.add_argument("--bench-module", default="selfclassifier",
+                   help="module to benchmark (a .py file in the repo root)")
     p.add_argument("--json", help="write every result to this JSON file")
     return p.parse_known_args(argv)
 
@@ -115,12 +118,13 @@ def free_memory(device):
 def bench_batch_size(sc, argv, batch, train_set, device, args, sync):
     """The measurements of one batch size: one result per cudnn.benchmark setting."""
     cfg = load_config(sc, argv + ["--batch-size", str(batch)])  # the last --batch-size wins
-    base = dict(module=args.bench_module, compile=args.bench_compile, batch=batch, device=str(device))
-    trainer = Trainer(sc, cfg, train_set, device, args.bench_compile)
+    base = dict(module=args.bench_module, compile=cfg.compile, batch=batch, device=str(device))
+    trainer = Trainer(sc, cfg, train_set, device)
     if trainer.steps_per_epoch == 0:
         return [dict(base, error=f"{len(train_set)} training images are fewer than one batch")]
     gen = torch.Generator(device=device).manual_seed(0)
-    random_batches = [([torch.rand(batch, 3, size, size, device=device, generator=gen) for size in trainer.view_sizes],
+    random_batches = [([torch.rand(batch, 3, size, size, device=device, generator=gen)
+                        for size in trainer.view_sizes],
                        torch.randint(10, (batch,), device=device, generator=gen), torch.arange(batch, device=device))
                       for _ in range(4)]
 
@@ -133,8 +137,8 @@ def bench_batch_size(sc, argv, batch, train_set, device, args, sync):
         return n * batch / (time.perf_counter() - t0)
 
     results = []
-    # cudnn.benchmark autotunes each convolution once per shape: compare it off and on (train() turns it on)
-    for cudnn_bench in [False, True] if device.type == "cuda" and not args.bench_compile else [False]:
+    # cudnn.benchmark autotunes each convolution once per shape: compare it off and on (training turns it on)
+    for cudnn_bench in [False, True] if device.type == "cuda" and not cfg.compile else [False]:
         torch.backends.cudnn.benchmark = cudnn_bench
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -152,9 +156,9 @@ def bench_batch_size(sc, argv, batch, train_set, device, args, sync):
         sync()
         aug_ms = 1000 * (time.perf_counter() - t0) / args.bench_steps
         a, b = max(rates["a"]), max(rates["b"])
-        results.append(dict(base, cudnn_benchmark=cudnn_bench, views=len(trainer.view_sizes), steps=args.bench_steps,
-                            warmup_steps=args.bench_warmup, warmup_s=warmup_s, a_img_s=rates["a"], b_img_s=rates["b"],
-                            a_best=a, b_best=b, b_over_a=b / a,
+        results.append(dict(base, cudnn_benchmark=cudnn_bench, views=len(trainer.view_sizes),
+                            steps=args.bench_steps, warmup_steps=args.bench_warmup, warmup_s=warmup_s,
+                            a_img_s=rates["a"], b_img_s=rates["b"], a_best=a, b_best=b, b_over_a=b / a,
                             step_ms_a=1000 * batch / a, step_ms_b=1000 * batch / b, aug_ms_per_step=aug_ms,
                             max_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0))
         print("RESULT " + json.dumps(results[-1]), flush=True)
@@ -169,16 +173,18 @@ def format_table(results):
             lines.append(f"{r['batch']:>6} {r['error']}")
         else:
             lines.append(f"{r['batch']:>6} {'on' if r['cudnn_benchmark'] else 'off':>5} {r['a_best']:>10.0f} "
-                         f"{r['b_best']:>10.0f} {r['b_over_a']:>7.2f} {r['step_ms_a']:>11.1f} {r['step_ms_b']:>11.1f} "
-                         f"{r['aug_ms_per_step']:>7.1f} {r['max_mem_gb']:>8.2f}")
+                         f"{r['b_best']:>10.0f} {r['b_over_a']:>7.2f} {r['step_ms_a']:>11.1f} "
+                         f"{r['step_ms_b']:>11.1f} {r['aug_ms_per_step']:>7.1f} {r['max_mem_gb']:>8.2f}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     args, sc_argv = parse_args(sys.argv[1:] if argv is None else argv)
     sc = importlib.import_module(args.bench_module)
+    sc_argv += ["--compile"] if args.bench_compile else []
     cfg = load_config(sc, sc_argv)
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    args.bench_compile = cfg.compile  # --bench-compile or --compile
+    device = training_device(sc, cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     on_gpu = device.type == "cuda"
     args.bench_warmup = args.bench_warmup if args.bench_warmup is not None else 3 if on_gpu else 0
@@ -192,8 +198,8 @@ def main(argv=None):
             results += bench_batch_size(sc, sc_argv, batch, train_set, device, args, sync)
         except (torch.cuda.OutOfMemoryError, MemoryError):
             # the rest of the row is left out; the memory is freed below, once the traceback's frames are gone
-            results.append(dict(module=args.bench_module, compile=args.bench_compile, batch=batch, device=str(device),
-                                error="out of memory"))
+            results.append(dict(module=args.bench_module, compile=args.bench_compile, batch=batch,
+                                device=str(device), error="out of memory"))
             print("RESULT " + json.dumps(results[-1]), flush=True)
         free_memory(device)
     print(f"\n{args.bench_module}{' + torch.compile(backbone)' if args.bench_compile else ''} on {device}, "

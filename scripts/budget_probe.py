@@ -1,6 +1,6 @@
 """Time budgeted runs with the test suite's settings (test_selfclassifier.BUDGET, --minutes 0.2: a 12 s budget) and
-print when each planned its schedule and when it ended. Reproduces the README's figures on how closely a --minutes run
-keeps its budget on 2 CPU cores.
+print when each planned its schedule and when it ended: how closely a --minutes run keeps its budget (the table
+"Time budgets" in docs/results.md).
 
     python scripts/budget_probe.py [--pace-margin 0.2] [--runs 6] [extra selfclassifier.py flags...]
 """

@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# The reported CIFAR-10 run as one command on the GPU machine: unpack the JPEG tarballs, train to a time budget
-# with the defaults, evaluate, draw the curves, and write a ledger row.
+# The CIFAR-10 run of docs/results.md as one command on one GPU: train selfclassifier.py with its defaults to a time
+# budget, evaluate the checkpoint with eval_clustering.py, draw the training curves and write the run's ledger row.
 #
 #     bash scripts/cifar10_gpu.sh [TARBALL_DIR] [MINUTES]
 #
-# TARBALL_DIR: a folder with cifar10-jpeg-train.tar.gz and cifar10-jpeg-test.tar.gz (they unpack to
-#   cifar10-jpeg/train/<class>/*.jpg and cifar10-jpeg/test/<class>/*.jpg), unpacked into DATA_DIR unless
-#   DATA_DIR/cifar10-jpeg exists already. Omitted or "-": the data must be there already.
-# MINUTES: training budget, passed as `--minutes MINUTES` (default 6: training, decoding and the ~30 s evaluation
-#   then fit a 9-minute command); 0 passes no budget, so the run follows --epochs.
+# Input: CIFAR-10 as JPEG files, DATA_DIR/cifar10-jpeg/train/<class>/*.jpg and DATA_DIR/cifar10-jpeg/test/<class>/*.jpg
+#   (DATA_DIR defaults to data, inside the repository and ignored by git; docs/reproduce.md says how to make it).
+# TARBALL_DIR: "-" (the default) when that folder exists; else a folder holding cifar10-jpeg-train.tar.gz and
+#   cifar10-jpeg-test.tar.gz (each unpacks to cifar10-jpeg/<split>/<class>/*.jpg), unpacked into DATA_DIR.
+# MINUTES: the training budget, passed as `--minutes MINUTES` (default 6); reading the images before training and
+#   the evaluation after it come on top. 0 passes no budget: the run follows --epochs (28 by default).
 # Environment:
-#   EXTRA_FLAGS  appended to the training command, e.g. for a CPU rehearsal on a tiny folder:
-#                DATA_DIR=/tmp/fake RUN_DIR=/tmp/run EXTRA_FLAGS="--max-steps 3 --batch-size 32 --epochs 1
-#                --warmup-epochs 0" EVAL_FLAGS="--kmeans-seeds 1 --knn-k 5 --no-linear-probe" bash scripts/cifar10_gpu.sh - 0
-#   EVAL_FLAGS   appended to the evaluation command
-#   DATA_DIR     where the data lives (default data); RUN_DIR the run's folder (default out/cifar10-gpu)
-#   OUT          if set (the GPU machine's folder whose files come back): log.jsonl, scores.json, eval.txt,
-#                curves.png, ledger-row.md, summary.json and train.txt are copied there, also when a step fails
-#                (not the checkpoint, not the grids).
-# Writes RUN_DIR/{train.txt, log.jsonl, ckpt.pt, scores.json, eval.txt, grids/, curves.png, ledger-row.md, summary.json}.
+#   DATA_DIR     the folder that holds cifar10-jpeg/ (default data)
+#   RUN_DIR      the run's folder (default out/cifar10-gpu)
+#   EXTRA_FLAGS  appended to the training command (they win over the defaults), e.g. "--batch-size 1024"
+#   EVAL_FLAGS   appended to the evaluation command, e.g. "--kmeans-seeds 1"
+#   PYTHON       the interpreter (default python)
+#   OUT          optional: a folder that also receives the run's small files (all of RUN_DIR but the checkpoint and
+#                the grids) on every exit, also after a failure
+# Output in RUN_DIR: train.txt and log.jsonl (the training's output and JSON log), ckpt.pt, eval.txt and scores.json
+# (the evaluation), grids/ (images per predicted class), curves.png (scripts/plot_log.py), ledger-row.md and
+# summary.json (the run's row for the ledger in docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repo root: selfclassifier.py and eval_clustering.py are there
 
@@ -31,7 +33,7 @@ EVAL_FLAGS=${EVAL_FLAGS:-}
 PYTHON=${PYTHON:-python}
 export PYTHONUNBUFFERED=1  # the output reaches train.txt as it is printed
 
-copy_back() {  # on every exit, success or not: what exists comes back, so a failure can be read
+copy_back() {  # on every exit, success or not: what exists is copied, so that a failure can be read
     if [ -n "${OUT:-}" ]; then
         mkdir -p "$OUT"
         for f in train.txt log.jsonl scores.json eval.txt curves.png ledger-row.md summary.json; do
@@ -44,7 +46,8 @@ trap copy_back EXIT
 # data
 if [ ! -d "$DATA_DIR/cifar10-jpeg" ]; then
     if [ "$TARBALL_DIR" = "-" ]; then
-        echo "error: $DATA_DIR/cifar10-jpeg does not exist; give the folder of cifar10-jpeg-{train,test}.tar.gz" >&2
+        echo "error: $DATA_DIR/cifar10-jpeg does not exist; set DATA_DIR to the folder that holds it," \
+             "or give the folder of cifar10-jpeg-{train,test}.tar.gz" >&2
         exit 2
     fi
     for split in train test; do

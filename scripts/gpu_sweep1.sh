@@ -1,38 +1,56 @@
 #!/usr/bin/env bash
-# The first CIFAR-10 sweep for a lent GPU, one command planned to end inside 10 minutes (not yet run on a GPU): the
-# step's throughput for batch 512, 1024 and 2048, then seven variants at once, each trained to the same time budget and
-# scored, one ranked table.
+# A prepared CIFAR-10 sweep on one GPU, planned to end inside 10 minutes: the training step's throughput for batch
+# 512, 1024 and 2048 (scripts/bench_step.py), then seven variants trained at once by scripts/sweep.py, each to the
+# same time budget and scored as soon as it ends, and one table ranked by the ACC of the 10-class head.
 #
 #     bash scripts/gpu_sweep1.sh [TARBALL_DIR] [MINUTES]
 #
-# TARBALL_DIR (default gpu): a folder with cifar10-jpeg-{train,test}.tar.gz, unpacked into data/ unless data/cifar10-jpeg
-#   exists. MINUTES (default 5.5): the budget of each variant. The variants share the GPU, so each gets fewer
-#   epochs than a run alone would: the table ranks recipes at equal cost, it does not report the recipe's best.
-# The variants are the levers with the largest expected effect (issue "CIFAR-10 in ten minutes"): the authors' lr
-#   rule (0.3 x 512 / 256 = 0.6), solo-learn's crop scale and colour strength, the queue started halfway, batch 1024,
-#   and solo-learn's CIFAR settings for SwAV together, since its parts may only help together: its crop scale,
-#   colour, LARS (eta 0.02, clipping, 1-D parameters excluded), weight decay 1e-6 and lr 0.6 per 256 images (1.2 at
-#   batch 512: our linear scaling); the blur, solarisation and local crops stay ours.
-# With OUT set (the GPU machine), the table and every variant's log and scores are copied there.
+# Input: CIFAR-10 as JPEG files, DATA_DIR/cifar10-jpeg/train/<class>/*.jpg and DATA_DIR/cifar10-jpeg/test/<class>/*.jpg
+#   (DATA_DIR defaults to data, inside the repository and ignored by git; docs/reproduce.md says how to make it).
+# TARBALL_DIR: "-" (the default) when that folder exists; else a folder holding cifar10-jpeg-train.tar.gz and
+#   cifar10-jpeg-test.tar.gz (each unpacks to cifar10-jpeg/<split>/<class>/*.jpg), unpacked into DATA_DIR.
+# MINUTES (default 5.5): the training budget of each variant. The variants share the GPU, so each gets fewer epochs
+#   than a run alone would: the table ranks recipes at equal cost, it does not report a recipe's best.
+# The variants: the defaults; the authors' lr rule (0.3 x 512 / 256 = 0.6); solo-learn's crop scale; its colour
+#   strength; the nearest-neighbour queue started halfway; batch 1024; and solo-learn's CIFAR settings for SwAV
+#   together, since its parts may only help together: its crop scale, colour, LARS (eta 0.02, clipping, 1-D
+#   parameters excluded), weight decay 1e-6 and lr 0.6 per 256 images (1.2 at batch 512: our linear scaling); the
+#   blur, solarisation and local crops stay ours.
+# Environment:
+#   DATA_DIR     the folder that holds cifar10-jpeg/ (default data)
+#   SWEEP_DIR    the sweep's folder (default out/sweep1)
+#   EXTRA_FLAGS  appended to every variant's training command and to the benchmark's, e.g. "--workers 8"
+#   BENCH_FLAGS  scripts/bench_step.py's own flags (default "--bench-steps 30")
+#   OUT          optional: a folder that also receives every JSON and text file of SWEEP_DIR (not the checkpoints)
+#                on every exit, also after a failure
+# Output in SWEEP_DIR: bench.txt and bench.json (the throughput), table.json (the ranked table, also printed), and
+# per variant NAME/: train.txt, log.jsonl, ckpt.pt, eval.txt, scores.json and curves.png (scripts/plot_log.py).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-TARBALL_DIR=${1:-gpu}
+cd "$(dirname "$0")/.."  # the repo root
+TARBALL_DIR=${1:--}
 MINUTES=${2:-5.5}
+DATA_DIR=${DATA_DIR:-data}
 SWEEP_DIR=${SWEEP_DIR:-out/sweep1}
-EXTRA_FLAGS=${EXTRA_FLAGS:-}  # e.g. a CPU rehearsal: "--stem imagenet --batch-size 64 --local-crops 0 --max-steps 20"
+EXTRA_FLAGS=${EXTRA_FLAGS:-}
 BENCH_FLAGS=${BENCH_FLAGS:---bench-steps 30}
-if [ ! -d data/cifar10-jpeg ]; then
-    mkdir -p data
-    for split in train test; do tar -xzf "$TARBALL_DIR/cifar10-jpeg-$split.tar.gz" -C data; done
+if [ ! -d "$DATA_DIR/cifar10-jpeg" ]; then
+    if [ "$TARBALL_DIR" = "-" ]; then
+        echo "error: $DATA_DIR/cifar10-jpeg does not exist; set DATA_DIR to the folder that holds it," \
+             "or give the folder of cifar10-jpeg-{train,test}.tar.gz" >&2
+        exit 2
+    fi
+    mkdir -p "$DATA_DIR"
+    for split in train test; do tar -xzf "$TARBALL_DIR/cifar10-jpeg-$split.tar.gz" -C "$DATA_DIR"; done
 fi
-copy_back() {
+copy_back() {  # on every exit, success or not
     if [ -n "${OUT:-}" ] && [ -d "$SWEEP_DIR" ]; then
-        (cd "$SWEEP_DIR" && find . \( -name "*.json" -o -name "*.txt" -o -name "log.jsonl" \) -print0 | xargs -0 -r cp --parents -t "$OUT")
+        (cd "$SWEEP_DIR" && find . \( -name "*.json" -o -name "*.txt" -o -name "log.jsonl" -o -name "curves.png" \) \
+            -print0 | xargs -0 -r cp --parents -t "$OUT")
     fi
 }
 trap copy_back EXIT
 python scripts/sweep.py --out-dir "$SWEEP_DIR" --minutes "$MINUTES" \
-    --base "--dataset imagefolder --data data/cifar10-jpeg $EXTRA_FLAGS" \
+    --base "--dataset imagefolder --data $DATA_DIR/cifar10-jpeg $EXTRA_FLAGS" \
     --eval-flags "--kmeans-seeds 1 --knn-k 20" --bench-batch-sizes 512 1024 2048 --bench-flags "$BENCH_FLAGS" \
     --variant "defaults=" \
     --variant "lr0.6=--lr 0.6 --warmup-lr 0.06 --final-lr 0.0006" \
@@ -42,3 +60,6 @@ python scripts/sweep.py --out-dir "$SWEEP_DIR" --minutes "$MINUTES" \
     --variant "batch1024=--batch-size 1024" \
     --variant "solo-learn=--global-scale 0.08 1 --jitter 0.8 0.8 0.8 0.2 --lars-clip --lars-trust 0.02 \
 --lars-exclude-1d --weight-decay 1e-6 --lr 1.2 --warmup-lr 0.12 --final-lr 0.0012"
+for log in "$SWEEP_DIR"/*/log.jsonl; do  # each variant's curves; a run that logged no training step has none
+    if [ -f "$log" ]; then python scripts/plot_log.py "$log" "$(dirname "$log")/curves.png" || true; fi
+done

@@ -24,7 +24,8 @@ def training_curves(log_path):
             raise ValueError(f"{log_path} holds no training log lines")
         steps_per_epoch = max(r["step"] / (r["epoch"] + 1) for r in train)  # a line is logged at every epoch end
         heads = sorted({int(c) for r in train for c in r["heads"]})
-        monitor = [(f"C={c}", [(r["step"] / steps_per_epoch, r["heads"][str(c)]["entropy"] / r["heads"][str(c)]["log_c"])
+        monitor = [(f"C={c}", [(r["step"] / steps_per_epoch,
+                                r["heads"][str(c)]["entropy"] / r["heads"][str(c)]["log_c"])
                                for r in train if str(c) in r["heads"]]) for c in heads]
         evals = [r for r in records if r.get("event") == "eval"]
         test = [(f"{metric.upper()} C={c}", [(r["epoch"] + 1, 100 * r[metric]) for r in evals if r["head"] == c])

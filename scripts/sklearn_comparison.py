@@ -5,10 +5,10 @@ Needs scikit-learn, for this comparison only (it is not a dependency of the proj
     pip install scikit-learn
     python scripts/sklearn_comparison.py
 
-Prints one line per measurement of the README's table ("Measured"): AMI on 50,000 random labels of 1,000 classes
-and 1,000 clusters; k-means on 50,000 x 128 well-separated and overlapping points and on 50,000 x 512 with k = 100;
-a k = 200 weighted kNN and the linear probe on 50,000 + 10,000 samples of 10 overlapping classes, the probe beside
-scikit-learn's LogisticRegression at the penalty the probe chose. A minute or two on 2 CPU cores.
+Prints one line per measurement of the table "Our metrics against scikit-learn" in docs/results.md: AMI on 50,000
+random labels of 1,000 classes and 1,000 clusters; k-means on 50,000 x 128 well-separated and overlapping points and
+on 50,000 x 512 with k = 100; a k = 200 weighted kNN and the linear probe on 50,000 + 10,000 samples of 10
+overlapping classes, the probe beside scikit-learn's LogisticRegression at the penalty the probe chose.
 """
 import sys
 import time
@@ -61,7 +61,8 @@ def compare_kmeans_128():
 
 def compare_kmeans_512():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(100, 512, generator=g)[torch.randint(100, (50_000,), generator=g)] + 0.08 * torch.randn(50_000, 512, generator=g)
+    x = (torch.randn(100, 512, generator=g)[torch.randint(100, (50_000,), generator=g)]
+         + 0.08 * torch.randn(50_000, 512, generator=g))
     compare_kmeans(torch.nn.functional.normalize(x, dim=1), 100, "50000 x 512, k=100, 3 restarts, overlapping")
 
 
@@ -80,8 +81,9 @@ def compare_knn_and_probe():
     _, t_sk = timed(lambda: lr.fit(((x_train - mean) / std).numpy(), y_train.numpy()))
     sk_top1 = (lr.predict(((x_test - mean) / std).numpy()) == y_test.numpy()).mean()
     print(f"kNN k=200, 50000 x 512 -> 10000: {t_knn:.2f} s, top-1 {knn['top1']:.4f}")
-    print(f"linear probe (5 weight decays + refit): {t_probe:.2f} s, top-1 {probe['top1']:.4f} (wd {probe['weight_decay']:g}); "
-          f"scikit-learn LogisticRegression, the chosen penalty only: {t_sk:.2f} s, top-1 {sk_top1:.4f}")
+    print(f"linear probe (5 weight decays + refit): {t_probe:.2f} s, top-1 {probe['top1']:.4f} "
+          f"(wd {probe['weight_decay']:g}); scikit-learn LogisticRegression, the chosen penalty only: {t_sk:.2f} s, "
+          f"top-1 {sk_top1:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Sweep runner: trains several variants of selfclassifier.py at once on one machine (a lent GPU), scores each
+"""Sweep runner: trains several variants of selfclassifier.py at once on one machine (e.g. one GPU), scores each
 with eval_clustering.py as soon as its training ends, and prints one table ranked by the ACC of the head whose
 C equals the number of true classes.
 
@@ -12,8 +12,8 @@ What it does:
      --bench-flags) for those batch sizes; its output goes to OUT/bench.txt and OUT/bench.json.
   2. every variant NAME=FLAGS at once: `python selfclassifier.py BASE FLAGS --minutes M --out-dir OUT/NAME`
      (--minutes only when given here; without it the runs follow --epochs / --max-steps), output in
-     OUT/NAME/train.txt. The CPU threads are split evenly: OMP_NUM_THREADS and --workers are cpu_count // variants
-     (at least 1); flags given in BASE or FLAGS win.
+     OUT/NAME/train.txt. The CPU threads are split evenly: OMP_NUM_THREADS and --workers are the CPUs this
+     process may use // variants (at least 1); flags given in BASE or FLAGS win.
   3. a variant whose training exits 0 with OUT/NAME/ckpt.pt: `python eval_clustering.py --checkpoint
      OUT/NAME/ckpt.pt --json OUT/NAME/scores.json EVAL_FLAGS`, output in OUT/NAME/eval.txt, while the others train.
   4. every --progress-every seconds (15) one line per variant, from OUT/NAME/log.jsonl.
@@ -174,7 +174,8 @@ def format_table(rows):
                      + [pct(r.get("knn_top1")), pct(r.get("probe_top1")), wall, r["status"]])
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     # the last column (status) is not padded: a failure's message may be long
-    return "\n".join("  ".join(cell.ljust(w) if i < len(columns) - 1 else cell for i, (cell, w) in enumerate(zip(line, widths)))
+    return "\n".join("  ".join(cell.ljust(w) if i < len(columns) - 1 else cell
+                               for i, (cell, w) in enumerate(zip(line, widths)))
                      for line in table)
 
 
@@ -215,7 +216,8 @@ class Variant:
 def parse_variant(text):
     name, sep, flags = text.partition("=")
     if not sep or not NAME.match(name):
-        raise argparse.ArgumentTypeError(f"a variant is NAME=FLAGS with NAME of letters, digits, '.', '_', '-', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"a variant is NAME=FLAGS with NAME of letters, digits, '.', '_', '-', got {text!r}")
     return name, flags.strip()
 
 
@@ -231,20 +233,22 @@ def join_string_flags(argv):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("--out-dir", default="out/sweep", help="one folder per variant goes here")
     p.add_argument("--base", default="", help="selfclassifier.py flags shared by every variant (one string)")
     p.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=FLAGS",
                    help="a variant: its folder name and its extra flags (repeatable; 'defaults=' for the base alone)")
-    p.add_argument("--minutes", type=float, help="training time budget per variant, passed as --minutes M (default: none, "
-                   "the runs follow --epochs / --max-steps)")
+    p.add_argument("--minutes", type=float, help="training time budget per variant, passed as --minutes M "
+                   "(default: none, the runs follow --epochs / --max-steps)")
     p.add_argument("--eval-flags", default="", help="extra eval_clustering.py flags (one string)")
-    p.add_argument("--bench-batch-sizes", type=int, nargs="+", help="first run scripts/bench_step.py for these batch sizes")
+    p.add_argument("--bench-batch-sizes", type=int, nargs="+",
+                   help="first run scripts/bench_step.py for these batch sizes")
     p.add_argument("--bench-flags", default="", help="extra scripts/bench_step.py flags, e.g. '--bench-steps 20'")
     p.add_argument("--json", help="the table as JSON (default: OUT_DIR/table.json)")
     p.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
-    p.add_argument("--threads", type=int, help="CPU threads per variant (default: cpu_count // variants, at least 1)")
+    p.add_argument("--threads", type=int, help="CPU threads per variant (default: usable CPUs // variants, at least 1)")
     p.add_argument("--summarise", metavar="DIR", help="instead of a sweep: print the row of one run directory")
     p.add_argument("--ledger-command", help="with --summarise: the training command, for DIR/ledger-row.md")
     p.add_argument("--ledger-minutes", default="", help="with --summarise: the time budget, for the ledger row")
@@ -266,10 +270,6 @@ def parse_args(argv=None):
     except ValueError as error:  # an unclosed quote
         p.error(f"cannot split flags: {error}")
     return args
-
-
-def available_cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_bench(args, base, out_dir):
@@ -306,7 +306,7 @@ def sweep(args):
     if args.bench_batch_sizes:
         run_bench(args, base, out_dir)
 
-    threads = args.threads or max(1, available_cpus() // len(args.variant))
+    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // len(args.variant))  # the CPUs this process may use
     # each child gets its share of the cores: math libraries read OMP_NUM_THREADS, loaders get --workers
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     variants = [Variant(name, flags, out_dir / name) for name, flags in args.variant]
@@ -333,7 +333,8 @@ def sweep(args):
                     if rc != 0:
                         v.status, v.t_end = f"failed: {last_line(v.out_dir / 'train.txt')}", time.time()
                     elif not (v.out_dir / "ckpt.pt").exists():
-                        v.status, v.t_end = f"failed: training exited 0 but wrote no {v.out_dir / 'ckpt.pt'}", time.time()
+                        v.status = f"failed: training exited 0 but wrote no {v.out_dir / 'ckpt.pt'}"
+                        v.t_end = time.time()
                     else:
                         (v.out_dir / "scores.json").unlink(missing_ok=True)  # never score an old evaluation
                         v.start(eval_command(v.out_dir, eval_flags, threads), "eval.txt", env, "evaluating")
@@ -419,15 +420,16 @@ def machine():
     except (OSError, subprocess.TimeoutExpired, ValueError):
         torch_version, device = "unknown", "unknown"
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=30)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                             timeout=30)
         commit = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         commit = "unknown"
     return dict(gpu=gpu if gpu != "unknown" else device, torch=torch_version, commit=commit)
 
 
-LEDGER_HEADER = ("| date | GPU | commit | command | minutes | epochs | images/s | ACC / NMI (head C=classes) | kNN k=20 | probe |\n"
-                 "|---|---|---|---|---|---|---|---|---|---|")
+LEDGER_HEADER = ("| date | GPU | commit | command | minutes | epochs | images/s | ACC / NMI (head C=classes) "
+                 "| kNN k=20 | probe |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def ledger_row(row, info, command, minutes, train_s=None, eval_s=None):
