@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -1062,17 +1063,63 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_completed(tmp_p
     assert sc.load_checkpoint(tmp_path / "ckpt.pt")["schedule"]["total_steps"] == total
 
 
-def test_a_resumed_budgeted_run_keeps_its_schedule(tmp_path):
+class StepClock:
+    """A controlled clock for --minutes runs: it advances by `step` seconds a training step, `heads` seconds a heads
+    monitor pass (5 times that for the kNN monitor's pass over both splits: 2,500 synthetic images against 500) and
+    0.01 s a checkpoint, whatever the machine's speed, so that a budgeted run's plan is the same on every machine."""
+
+    def __init__(self, monkeypatch, step=0.1, heads=0.1):
+        self.now = 1000.0
+        real_step, real_monitors, real_save = sc.train_step, sc.test_split_monitors, sc.save_checkpoint
+
+        def train_step(*args, **kwargs):
+            self.now += step
+            return real_step(*args, **kwargs)
+
+        def monitors(run, epoch, heads_due, knn_due):
+            self.now += heads * (heads_due + 5 * knn_due) if run.eval_labelled else 0.0
+            return real_monitors(run, epoch, heads_due, knn_due)
+
+        def save_checkpoint(*args):
+            self.now += 0.01
+            return real_save(*args)
+
+        for name, stand_in in (("train_step", train_step), ("test_split_monitors", monitors),
+                               ("save_checkpoint", save_checkpoint)):
+            monkeypatch.setattr(sc, name, stand_in)
+        monkeypatch.setattr(sc, "time", types.SimpleNamespace(time=lambda: self.now))
+
+
+def test_a_budgeted_run_on_a_controlled_clock_uses_its_budget_and_each_monitor_rule(tmp_path, monkeypatch):
+    """3 s of a clock on which a step takes 0.1 s, a heads pass 0.1 s and a kNN pass 0.5 s: the plan after step 15
+    fits the steps, a checkpoint per epoch and the heads monitor (within its 4 % share) in the budget, not the kNN
+    monitor (over its share); the run ends at the cosine's end, inside the budget, having used most of it."""
+    clock = StepClock(monkeypatch)
+    started = clock.now
+    sc.train(sc.parse_config(BUDGET + ["--minutes", "0.05", "--out-dir", str(tmp_path)]), started)
+    (budget,), train_lines = budget_run_records(tmp_path)
+    used = clock.now - started
+    assert budget["planned_at_step"] == 15 and budget["seconds_per_step"] == pytest.approx(0.1)
+    assert budget["costs"]["heads"] == pytest.approx(0.1) and budget["costs"]["knn"] == pytest.approx(0.5)
+    assert budget["eval_every"] == 1 and budget["knn_every"] == 0
+    assert 0.85 * 3 < used <= 3 and train_lines[-1]["step"] == budget["total_steps"], (used, budget)
+    total, warmup_steps = budget["total_steps"], round(0.05 * 2000 // 16)
+    assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(total - 1, total, warmup_steps, 0.5, 0.2, 0.002))
+
+
+def test_a_resumed_budgeted_run_keeps_its_schedule(tmp_path, monkeypatch):
     """Stopped after the plan, a budgeted run started again continues the planned schedule (not a new plan, whose
     pace and remaining time would differ) and ends it."""
-    flags = BUDGET + ["--minutes", "0.15", "--eval-every", "0", "--knn-every", "0", "--out-dir", str(tmp_path)]
-    sc.train(sc.parse_config(flags + ["--max-steps", "17"]))
+    clock = StepClock(monkeypatch)
+    flags = BUDGET + ["--minutes", "0.05", "--eval-every", "0", "--knn-every", "0", "--out-dir", str(tmp_path)]
+    sc.train(sc.parse_config(flags + ["--max-steps", "17"]), clock.now)
     (budget,), _ = budget_run_records(tmp_path)  # planned after step 15
-    sc.train(sc.parse_config(flags))
+    clock.now += 100  # a later start: a new plan would have no time left
+    sc.train(sc.parse_config(flags), clock.now)
     budgets, train_lines = budget_run_records(tmp_path)
     assert len(budgets) == 1 and train_lines[-1]["step"] == budget["total_steps"] > 17
-    assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(budget["total_steps"] - 1, budget["total_steps"], 6, 0.5,
-                                                           0.2, 0.002))
+    total = budget["total_steps"]
+    assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(total - 1, total, 6, 0.5, 0.2, 0.002))
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
@@ -1290,6 +1337,7 @@ def gloo_rank(rank, world, init_file, out_dir):
         batchnorm_in_groups(rank, out_dir)
         loss_with_a_process_group(rank, out_dir)
         budget_plan_on_both_ranks(rank, out_dir)
+        training_on_two_ranks(rank, out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -1399,6 +1447,64 @@ def test_under_torchrun_every_rank_plans_the_budget_at_the_same_step(two_ranks):
     ranks' clocks disagree on how much time has been measured (a rank that planned alone would wait forever)."""
     planned = [torch.load(two_ranks / f"planned-rank{r}.pt") for r in range(2)]
     assert planned[0] == planned[1] == [sc.PACE_WARMUP_STEPS + sc.PACE_STEPS]
+
+
+# the real training loop, 2 steps; per-image augmentation seeded by sample (not by rank or step): one process on a
+# batch of 24 sees the same views as two ranks on 12 each
+DDP_RUN = TINY + ["--batch-aug", "off", "--workers", "0", "--queue-len", "0", "--epochs", "1", "--warmup-epochs", "0",
+                  "--max-steps", "2", "--log-every", "1"]
+
+
+def training_on_two_ranks(rank, out_dir):
+    """sc.train on this rank (per rank batch 12): the dataset indices of its batches and its checkpoint writes."""
+    seen, saved = [], []
+    real_step, real_save = sc.train_step, sc.save_checkpoint
+
+    def recording_step(model, raw_model, optimizer, scaler, views, labels, index, *args, **kwargs):
+        seen.append(index.tolist())
+        return real_step(model, raw_model, optimizer, scaler, views, labels, index, *args, **kwargs)
+
+    sc.train_step, sc.save_checkpoint = recording_step, lambda *args: saved.append(1) or real_save(*args)
+    torch.set_default_dtype(torch.float64)  # float32 sums in another order differ by 1e-3 on near-zero gradients
+    try:
+        sc.train(sc.parse_config(DDP_RUN + ["--batch-size", "12", "--out-dir", str(Path(out_dir) / "ddp-run")]))
+    finally:
+        sc.train_step, sc.save_checkpoint = real_step, real_save
+        torch.set_default_dtype(torch.float32)
+    torch.save(dict(seen=seen, saved=len(saved)), Path(out_dir) / f"training-rank{rank}.pt")
+
+
+def test_the_training_loop_on_two_ranks_equals_one_process_on_their_batches(two_ranks, tmp_path):
+    """torchrun's path through the real loop: each rank trains on its own shard of every global batch, only rank 0
+    writes the checkpoint and the log, and the weights equal one process's on the concatenated batches (the
+    arithmetic the two-process step test checks, here through sampler, loss, BatchNorm and LARS, in float64)."""
+    ranks = [torch.load(two_ranks / f"training-rank{r}.pt") for r in range(2)]
+    assert ranks[0]["saved"] >= 1 and ranks[1]["saved"] == 0
+    for step in range(2):
+        shards = [set(ranks[r]["seen"][step]) for r in range(2)]
+        assert len(shards[0]) == len(shards[1]) == 12 and not shards[0] & shards[1]
+    run = two_ranks / "ddp-run"
+    events = [json.loads(line)["event"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert events.count("config") == 1 and events.count("train") == 2  # one writer
+    seen = []
+    real_step = sc.train_step
+
+    def recording_step(model, raw_model, optimizer, scaler, views, labels, index, *args, **kwargs):
+        seen.append(set(index.tolist()))
+        return real_step(model, raw_model, optimizer, scaler, views, labels, index, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sc, "train_step", recording_step)
+        torch.set_default_dtype(torch.float64)
+        try:
+            sc.train(sc.parse_config(DDP_RUN + ["--batch-size", "24", "--out-dir", str(tmp_path)]))
+        finally:
+            torch.set_default_dtype(torch.float32)
+    assert seen == [set(ranks[0]["seen"][step]) | set(ranks[1]["seen"][step]) for step in range(2)]
+    two, one = (sc.load_checkpoint(path / "ckpt.pt") for path in (run, tmp_path))
+    assert two["world_size"] == 2 and two["step"] == one["step"] == 2
+    for key, value in one["model"].items():
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-7, atol=1e-9, msg=key)
 
 
 # =====================================================================================================
@@ -2455,14 +2561,14 @@ def test_selfclassifier_runs_alone_and_says_once_which_monitors_it_skips(tmp_pat
     """selfclassifier.py copied into an empty folder trains and writes its checkpoint; the test-split monitors,
     which need eval_clustering.py's metrics, are skipped with one line."""
     (tmp_path / "selfclassifier.py").write_bytes((HERE / "selfclassifier.py").read_bytes())
-    flags = TINY + ["--batch-size", "500", "--epochs", "2", "--warmup-epochs", "0", "--eval-every", "1",
+    flags = TINY + ["--batch-size", "1000", "--epochs", "1", "--warmup-epochs", "0", "--eval-every", "1",
                     "--knn-every", "1", "--queue-len", "0", "--workers", "0", "--out-dir", "run"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "selfclassifier.py", *flags], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("eval_clustering.py not found: the test-split monitors are skipped") == 1, run.stdout
-    assert sc.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 8
+    assert sc.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
 
 
 def test_selfclassifier_opens_with_the_method_and_every_line_is_short():
