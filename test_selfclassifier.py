@@ -2542,6 +2542,18 @@ def test_summarise_reads_a_run_directory_and_writes_a_ledger_row(tmp_path):
     assert row["head"] == 10 and row["acc"] == 0.5
 
 
+def test_the_step_benchmark_runs_the_products_own_step_at_tiny_size(capsys):
+    """scripts/bench_step.py builds and steps through selfclassifier.py's own functions: a rename there fails here,
+    on the CPU, not on a lent GPU."""
+    results = load_script("bench_step").main([
+        "--dataset", "synthetic", "--batch-sizes", "16", "--bench-steps", "1", "--hidden-dim", "32",
+        "--embed-dim", "16", "--stem", "imagenet", "--global-size", "16", "--local-crops", "1", "--local-size", "8",
+        "--num-classes", "10"])
+    (result,) = results
+    assert result["batch"] == 16 and result["views"] == 3 and result["a_best"] > 0 and result["b_best"] > 0
+    assert result["aug_ms_per_step"] > 0 and "RESULT" in capsys.readouterr().out
+
+
 def test_every_shell_script_parses():
     scripts = sorted((HERE / "scripts").glob("*.sh"))
     assert scripts
