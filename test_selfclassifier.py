@@ -160,6 +160,38 @@ def test_large_imagefolder_is_read_per_image_and_survives_unreadable_files(tmp_p
     assert [v.shape for v in views] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2 and index != broken
 
 
+def test_a_folder_of_large_images_trains_through_workers_resumes_exactly_and_is_scored(tmp_path):
+    """Images larger than --in-memory-max-size are read from their files by DataLoader workers and augmented one by
+    one (seeded by sample and epoch): 4 steps straight and 3 + 1 resumed, across an epoch end, give the same weights;
+    the folder is then scored from its files, and each of its images classified with extract's probabilities."""
+    write_folder(tmp_path / "images", per_class=16, size=40)  # train/ and val/: 2 classes of 16 images of 40 px
+    flags = TINY + ["--dataset", "imagefolder", "--data", str(tmp_path / "images"), "--in-memory-max-size", "32",
+                    "--workers", "1", "--batch-size", "16", "--queue-len", "0", "--warmup-epochs", "0",
+                    "--knn-every", "0"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    sc.train(sc.parse_config(flags + ["--out-dir", str(straight)]))  # 2 epochs of 2 steps
+    sc.train(sc.parse_config(flags + ["--out-dir", str(stopped), "--max-steps", "3"]))
+    sc.train(sc.parse_config(flags + ["--out-dir", str(stopped)]))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=False) for d in (straight, stopped))
+    assert a["step"] == b["step"] == 4 and a["config"]["batch_aug"] == "auto"  # auto: per image for files
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    rows = ec.main(["--checkpoint", str(straight / "ckpt.pt"), "--kmeans-seeds", "1", "--knn-k", "5",
+                    "--no-linear-probe", "--workers", "1", "--device", "cpu"])
+    assert {"head C=10", "head C=12", "kNN k=5 (backbone)"} <= set(rows)
+    csv = tmp_path / "classes.csv"
+    ec.main(["--checkpoint", str(straight / "ckpt.pt"), "--predict", str(tmp_path / "images" / "val"), "--out",
+             str(csv), "--workers", "1", "--device", "cpu"])
+    lines = csv.read_text().splitlines()[1:]
+    model, cfg = sc.model_from_checkpoint(sc.load_checkpoint(straight / "ckpt.pt"))
+    files = sc.load_image_folder(tmp_path / "images" / "val", cfg.in_memory_max_size, 1, labelled=False)
+    assert not isinstance(files, sc.ImageArray) and len(lines) == 32
+    out = sc.extract(model, files, cfg.global_size, workers=1, row_tau=cfg.row_tau)
+    for head, column in ((0, 2), (1, 4)):
+        probabilities = np.array([float(line.split(",")[column]) for line in lines])
+        np.testing.assert_allclose(probabilities, out["probabilities"][head].numpy(), atol=5e-5)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda root: None, "cannot read image folder"),
     (lambda root: (root / "train").mkdir(parents=True), "cannot read image folder"),
@@ -2419,6 +2451,7 @@ def test_an_unlabelled_folder_trains_and_every_image_gets_a_class(tmp_path, nest
     out = sc.extract(model, images, cfg.global_size, row_tau=cfg.row_tau)
     assert np.array_equal(classes[:, 0], out["predictions"][0].numpy())
     assert np.array_equal(classes[:, 1], out["predictions"][1].numpy())
+    np.testing.assert_allclose(probabilities, torch.stack(out["probabilities"], 1).numpy(), atol=5e-5)  # 4 decimals
     for c, head in ((10, 0), (12, 1)):
         grids = sorted(os.listdir(tmp_path / "grids" / f"C{c}"))
         sizes = [int(name.rsplit("_n", 1)[1].removesuffix(".png")) for name in grids]
