@@ -346,15 +346,12 @@ momentum_type = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 @dataclass
 class Config:
-    # data
+    # data (labels serve the monitors and the evaluation only)
     dataset: str = option("cifar10", "training data", choices=DATASETS)
-    data: str = option("./data", "dataset root; imagefolder: DATA/train/<class>/* and DATA/test (or val)/<class>/*, "
-                       "or, without DATA/train, every image under DATA, unlabelled")
+    data: str = option("./data", "root; imagefolder: DATA/train/<class>/*, DATA/test (or val)/<class>/*, or any images")
     download: bool = option(False, "let torchvision download CIFAR / STL-10 into --data")
-    in_memory_max_size: int = option(96, "imagefolder: decode into memory images of at most this side (0 = never)",
-                                     type=non_negative_int)
-    batch_aug: str = option("auto", "auto = augment in-memory batches on the training device; off = per image in "
-                            "DataLoader workers", choices=("auto", "off"))
+    in_memory_max_size: int = option(96, "imagefolder: decode images up to this side in memory", type=non_negative_int)
+    batch_aug: str = option("auto", "auto: augment in-memory data by batch on the device", choices=("auto", "off"))
     workers: int = option(min(8, available_cpus()), "data-loading processes per GPU", type=non_negative_int)
     # multi-crop augmentation (paper: 2 x 224 px at scale (0.4, 1), 6 x 96 px at scale (0.05, 0.4))
     global_size: int = option(32, "side of the two global crops in pixels", type=positive_int)
@@ -362,21 +359,18 @@ class Config:
     local_crops: int = option(4, "number of local crops (0 = two views only)", type=non_negative_int)
     local_size: int = option(16, "side of the local crops in pixels", type=positive_int)
     local_scale: tuple = option((0.05, 0.4), "area range of the local crops", nargs=2, type=scale_type)
-    jitter: tuple = option((0.4, 0.4, 0.2, 0.1), "colour jitter: brightness contrast saturation hue", nargs=4,
-                           type=non_negative_float)
+    jitter: tuple = option((0.4, 0.4, 0.2, 0.1), "brightness contrast saturation hue", nargs=4, type=non_negative_float)
     jitter_prob: float = option(0.8, "probability of the colour jitter", type=probability)
     gray_prob: float = option(0.2, "probability of grayscale", type=probability)
-    blur_prob: tuple = option((0.0, 0.0, 0.0), "blur probability of global crop 1, 2, the local crops (paper: 0.1 1 "
-                              "0.5)", nargs=3, type=probability)
+    blur_prob: tuple = option((0.0, 0.0, 0.0), "blur probability: global 1, 2, local", nargs=3, type=probability)
     solarize_prob: float = option(0.2, "solarisation probability of the second global crop", type=probability)
     # model
     arch: str = option("resnet18", "torchvision backbone", choices=("resnet18", "resnet34", "resnet50"))
-    stem: str = option("auto", "cifar = 3x3 conv, no max-pool; imagenet = 7x7 stride-2 conv + max-pool; auto = cifar "
-                       "up to --global-size 64", choices=("auto", "cifar", "imagenet"))
+    stem: str = option("auto", "cifar (3x3) or imagenet (7x7 + max-pool); auto: cifar up to --global-size 64",
+                       choices=("auto", "cifar", "imagenet"))
     hidden_dim: int = option(4096, "hidden width of the projection MLP", type=positive_int)
     embed_dim: int = option(128, "output width of the projection MLP (the embedding)", type=positive_int)
-    num_classes: list = option((10, 20, 40, 80), "one head per value, its number of classes C", nargs="+",
-                               type=num_classes_type)
+    num_classes: list = option((10, 20, 40, 80), "one head per value, its C", nargs="+", type=num_classes_type)
     # loss (paper: tau_row 0.1, tau_col 0.05) and nearest-neighbour queue
     row_tau: float = option(0.1, "temperature of the softmax over classes (prediction)", type=positive_float)
     col_tau: float = option(0.05, "temperature of the softmax over the batch (target)", type=positive_float)
@@ -384,8 +378,7 @@ class Config:
     queue_start: float = option(0.0, "share of the schedule before the queue is used", type=probability)
     # optimisation (the authors' ImageNet script: LARS, lr 3.2 at batch 4096, warmup 10 epochs from 0.2, cosine)
     epochs: int = option(28, "training epochs (with --minutes: until the budget is planned)", type=positive_int)
-    minutes: float = option(0.0, "train to this wall-clock budget instead of --epochs (0 = off)",
-                            type=non_negative_float)
+    minutes: float = option(0.0, "train to this wall-clock budget instead (0 = off)", type=non_negative_float)
     batch_size: int = option(512, "images per GPU per step", type=positive_int)
     optimizer: str = option("lars", "lars (apex LARC, as the authors) or plain sgd", choices=("lars", "sgd"))
     lr: float = option(2.0, "peak learning rate (the authors: 0.3 x global batch / 256)", type=positive_float)
@@ -399,22 +392,20 @@ class Config:
     lars_exclude_1d: bool = option(False, "LARS: plain SGD without decay for biases and norms (DINO, solo-learn)")
     # run
     bn_group_size: int = option(0, "ranks each BatchNorm pools (0 = all; the authors: 22)", type=non_negative_int)
-    precision: str = option("auto", "backbone autocast; auto = bf16 on Ampere and later, fp16 on older GPUs, fp32 on "
-                            "the CPU", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = option("auto", "backbone autocast; auto: bf16 from Ampere, fp16 before, fp32 on the CPU",
+                            choices=("auto", "bf16", "fp16", "fp32"))
     compile: bool = option(False, "torch.compile the backbone")
     seed: int = option(0, "random seed (each rank adds its rank)", type=int)
     device: str = option("auto", "auto = cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
-    out_dir: str = option("", "where ckpt.pt (resumed if of this run) and log.jsonl go; default: out/<dataset or "
-                          "folder name>")
+    out_dir: str = option("", "ckpt.pt (resumed if of this run) and log.jsonl; default: out/<dataset or folder>")
     resume: str = option("", "start from this checkpoint (ours, or the authors': model only) if OUT_DIR has none")
     max_steps: int = option(0, "stop after this many steps (0 = the whole schedule)", type=non_negative_int)
     log_every: int = option(50, "steps between log lines (and after 1, 2, 4, ... steps)", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints", type=positive_float)
-    eval_every: int = option(-1, "epochs between heads monitors on the test split (-1 = every epoch, with --minutes "
-                             "as often as fits in 4 %% of it; 0 = never)", type=epochs_or_auto)
-    knn_every: int = option(-1, "epochs between kNN monitors (-1 = every 10 epochs up to 100,000 labelled images, "
-                            "with --minutes after the last step if it fits in 4 %% of it; 0 = never)",
-                            type=epochs_or_auto)
+    eval_every: int = option(-1, "epochs between heads monitors (-1: every epoch, or as fits a budget; 0: never)",
+                             type=epochs_or_auto)
+    knn_every: int = option(-1, "epochs between kNN monitors (-1: 10 up to 100,000 labelled images, with a budget "
+                            "at the end if it fits; 0: never)", type=epochs_or_auto)
 
 
 def config_parser():
@@ -1009,23 +1000,15 @@ def strip_prefixes(state_dict):
     return {k.replace("module.", "").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
 
 
-class StandIn:
-    """What an object of a class that cannot be imported here unpickles to: inert. The authors' train.py pickles its
-    nearest-neighbour queue (their utils.NNQueue) into every checkpoint, unreadable outside their source folder."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
 class CheckpointUnpickler(pickle.Unpickler):
+    """Objects of classes that cannot be imported here unpickle to inert namespaces: the authors' train.py pickles
+    its nearest-neighbour queue (their utils.NNQueue) into every checkpoint, unreadable outside their source folder."""
+
     def find_class(self, module, name):
         try:
             return super().find_class(module, name)
         except (ImportError, AttributeError):
-            return StandIn
+            return types.SimpleNamespace
 
 
 checkpoint_pickle = types.SimpleNamespace(__name__="checkpoint_pickle", Unpickler=CheckpointUnpickler,
