@@ -482,10 +482,8 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
     weight decay, largest first, each fit warm-started from the previous one; the best validation top-1 wins (ties:
     the larger decay), refitted on the whole training split and scored on the test split. Classes absent from the
     training split are never predicted; equal logits go to the lowest class. Deterministic for a seed and device.
-    progress(done) after each of the len(weight_decays) + 1 fits.
-
-    Returns {"top1": test accuracy in [0, 1], "weight_decay": chosen value, "val_top1": {weight_decay: accuracy}}.
-    """
+    progress(done) after each of the len(weight_decays) + 1 fits. Returns {"top1": test accuracy in [0, 1],
+    "weight_decay": the chosen value, "val_top1": {weight_decay: accuracy}}."""
     train_x, train_y, test_x, test_y = check_probe_inputs(train_features, train_labels, test_features, test_labels)
     classes = torch.unique(train_y)                                       # sorted; the model predicts only these
     if len(classes) < 2:
