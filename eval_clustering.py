@@ -824,14 +824,13 @@ def true_classes(args, cfg, eval_set):
     return None, list(eval_set.classes)
 
 
-def representation_rows(args, train, test, labels, to_superclass):
+def representation_rows(args, dataset, train, test, labels, to_superclass):
     """kNN rows and the linear probe on backbone features, the labelled training images as training data."""
     import selfclassifier as sc
     train_labels = train["labels"].numpy()
     labelled = train_labels >= 0  # STL-10's training split includes its unlabelled images
     if not labelled.any():
-        print(f"no labelled training images in {args.dataset or 'the dataset'}: no kNN or linear probe",
-              file=sys.stderr)
+        print(f"no labelled training images in {dataset}: no kNN or linear probe", file=sys.stderr)
         return {}
     features, train_labels = train["backbone"][labelled], train_labels[labelled]
     if to_superclass is not None:
@@ -881,7 +880,7 @@ def evaluate(args):
         name = f"k-means {title} (k={num_true}, {args.kmeans_features}{fraction}, {len(runs)} seeds)"
         rows[name] = mean_and_std(runs)
     if args.knn or args.linear_probe:
-        rows.update(representation_rows(args, tr, ev, labels, to_superclass))
+        rows.update(representation_rows(args, cfg.dataset, tr, ev, labels, to_superclass))
     report(args, cfg, rows, len(labels), num_true)
     if args.grid_dir and cfg.num_classes:  # the head whose C is nearest the number of classes
         head = min(range(len(cfg.num_classes)), key=lambda h: abs(cfg.num_classes[h] - num_true))

@@ -1407,7 +1407,6 @@ def check_losses(run):
 
 
 def save(run):
-    started = time.time()
     check_losses(run)
     if run.is_main:
         save_checkpoint(run.ckpt_path, dict(
@@ -1415,15 +1414,15 @@ def save(run):
             scaler=run.scaler.state_dict(), queue=run.queue.state_dict() if run.queue else None, step=run.step,
             schedule=run.schedule, world_size=world_size(), config=dataclasses.asdict(run.cfg)))
     run.saved_step, run.last_save_time = run.step, time.time()
-    run.overhead += time.time() - started
-    return time.time() - started
 
 
-def timed_monitors(run, epoch, heads, knn):
+def timed(run, action, *args):
+    """action(run, *args) (a checkpoint, the monitors); its seconds, also counted as run.overhead: not steps (pace)."""
     started = time.time()
-    test_split_monitors(run, epoch, heads, knn)
-    run.overhead += time.time() - started
-    return time.time() - started
+    action(run, *args)
+    seconds = time.time() - started
+    run.overhead += seconds
+    return seconds
 
 
 def train(cfg, started=None):
@@ -1479,19 +1478,19 @@ def train_epoch(run, epoch, interrupted):
             log_interval(run, epoch, lr, monitor, interval)
             interval = dict(start=time.time(), wait=0.0, images=0, agree=[])
         if time.time() - run.last_save_time > 60 * cfg.save_every_min:
-            save(run)
+            timed(run, save)
         if (world_size() == 1 or run.step % cfg.log_every == 0) and any_rank(interrupted, run.device):  # DDP: a sync
             save(run)
             log(run, dict(event="interrupted", step=run.step), f"interrupted: saved {run.ckpt_path} at step {run.step}")
             raise SystemExit(130)
         if cfg.minutes and run.schedule is None:
             pace(run, steps_run, warmup_steps)
-    save(run)
+    timed(run, save)
     if run.step % spe == 0 or run.step == total_steps(run):
         final = run.step == total_steps(run)
         every = run.schedule or default_cadences(run)
         due = [bool(e) and ((epoch + 1) % e == 0 or final) for e in (every["eval_every"], every["knn_every"])]
-        timed_monitors(run, epoch, *due)
+        timed(run, test_split_monitors, epoch, *due)
 
 
 def log_interval(run, epoch, lr, monitor, interval):
@@ -1534,7 +1533,8 @@ def plan_budget(run, step_time, warmup_steps):
     share = MONITOR_SHARE * budget
     heads_wanted = run.eval_labelled and cfg.eval_every != 0
     knn_wanted = run.eval_labelled and cfg.knn_every != 0 and run.labelled_train > 0
-    costs = dict(checkpoint=save(run), heads=timed_monitors(run, run.step // spe, heads_wanted or knn_wanted, False))
+    costs = dict(checkpoint=timed(run, save),
+                 heads=timed(run, test_split_monitors, run.step // spe, heads_wanted or knn_wanted, False))
     costs["knn"] = costs["heads"] * (len(run.train_set) + len(run.eval_set)) / len(run.eval_set) if knn_wanted else 0.0
     remaining = budget * (1 - BUDGET_MARGIN) - (time.time() - run.started)
     eval_every, knn_every = max(cfg.eval_every, 0), max(cfg.knn_every, 0)  # given cadences are kept

@@ -1059,7 +1059,7 @@ def test_default_out_dir_differs_per_dataset():
 
 
 # Batches of 16 images and no local crops: a step a third of TINY's, so that the pace is planned (after step 15) early
-# in a 12 s budget, on a slow machine too (scripts/budget_probe.py times it).
+# in a 12 s budget (scripts/budget_probe.py times such runs).
 BUDGET = TINY + ["--batch-size", "16", "--local-crops", "0", "--epochs", "28", "--warmup-epochs", "0.05",
                  "--knn-every", "-1", "--eval-every", "-1"]
 
@@ -2471,7 +2471,7 @@ def test_predict_on_a_missing_or_empty_folder_is_one_line(trained, tmp_path, mak
 
 
 # =====================================================================================================
-# scripts/: the sweep runner, the step benchmark and the reported GPU run, rehearsed on the CPU
+# scripts/: the sweep runner, the step benchmark, the plot and the shell scripts, run small on the CPU
 # =====================================================================================================
 # a training run of seconds on the CPU: tiny crops, two views, a narrow MLP, 6 steps, no monitors
 TINY_TRAIN = ("--dataset synthetic --stem imagenet --global-size 16 --local-crops 0 --hidden-dim 64 --batch-size 64 "
@@ -2577,7 +2577,7 @@ def test_summarise_reads_a_run_directory_and_writes_a_ledger_row(tmp_path):
 
 def test_the_step_benchmark_runs_the_products_own_step_at_tiny_size(capsys):
     """scripts/bench_step.py builds and steps through selfclassifier.py's own functions: a rename there fails here,
-    on the CPU, not on a lent GPU."""
+    on the CPU, not on a GPU."""
     results = load_script("bench_step").main([
         "--dataset", "synthetic", "--batch-sizes", "16", "--bench-steps", "1", "--hidden-dim", "32",
         "--embed-dim", "16", "--stem", "imagenet", "--global-size", "16", "--local-crops", "1", "--local-size", "8",
