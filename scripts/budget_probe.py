@@ -1,4 +1,4 @@
-"""Time budgeted runs with the test suite's settings (test_selfclassifier.BUDGET, --minutes 0.2: a 12 s budget) and
+"""Time budgeted runs with the test suite's settings (test_selfclassifier.BUDGET, --minutes 0.1: a 6 s budget) and
 print when each planned its schedule and when it ended: how closely a --minutes run keeps its budget (the table
 "Time budgets" in docs/results.md).
 
@@ -17,7 +17,7 @@ from test_selfclassifier import BUDGET, budget_run_records  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--pace-margin", type=float, default=sc.PACE_MARGIN)
 parser.add_argument("--runs", type=int, default=6)
-parser.add_argument("--minutes", type=float, default=0.2)
+parser.add_argument("--minutes", type=float, default=0.1)
 args, extra = parser.parse_known_args()
 sc.PACE_MARGIN = args.pace_margin
 ends = []

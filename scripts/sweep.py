@@ -29,6 +29,7 @@ scripts/cifar10_gpu.sh. Standard library only (no torch import: the children do 
 """
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import re
@@ -402,8 +403,9 @@ def stop_all(variants, grace_s=60):
 # One run directory: summary and ledger row (scripts/cifar10_gpu.sh)
 # =====================================================================================================
 def machine():
-    """GPU name (nvidia-smi, else torch), torch version, git commit; 'unknown' for what cannot be found."""
-    gpu = "unknown"
+    """GPU name (nvidia-smi), torch version (its installed package, without importing it), git commit; 'unknown' for
+    what cannot be found."""
+    gpu = "no NVIDIA GPU"
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=30)
@@ -413,19 +415,16 @@ def machine():
     except (OSError, subprocess.TimeoutExpired):
         pass
     try:
-        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__); "
-                              "print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"],
-                             capture_output=True, text=True, timeout=120)
-        torch_version, device = out.stdout.split("\n")[:2] if out.returncode == 0 else ("unknown", "unknown")
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        torch_version, device = "unknown", "unknown"
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
                              timeout=30)
         commit = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         commit = "unknown"
-    return dict(gpu=gpu if gpu != "unknown" else device, torch=torch_version, commit=commit)
+    return dict(gpu=gpu, torch=torch_version, commit=commit)
 
 
 LEDGER_HEADER = ("| date | GPU | commit | command | minutes | epochs | images/s | ACC / NMI (head C=classes) "
