@@ -1387,6 +1387,7 @@ def gloo_rank(rank, world, init_file, out_dir):
         loss_with_a_process_group(rank, out_dir)
         budget_plan_on_both_ranks(rank, out_dir)
         training_on_two_ranks(rank, out_dir)
+        ctrl_c_on_one_rank(rank, out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -1396,12 +1397,12 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("gloo")
     ranks = torch.multiprocessing.start_processes(gloo_rank, args=(2, str(out / "init"), out), nprocs=2, join=False,
                                                   start_method="fork")
-    deadline = time.time() + 300
+    deadline = time.time() + 120
     while not ranks.join(timeout=1):  # a child's exception is raised here
         if time.time() > deadline:  # a collective that never completes: fail, never hang the suite
             for process in ranks.processes:
                 process.kill()
-            pytest.fail("the two gloo ranks did not finish in 300 s")
+            pytest.fail("the two gloo ranks did not finish in 120 s")
     return out
 
 
@@ -1561,6 +1562,41 @@ def test_the_training_loop_on_two_ranks_equals_one_process_on_their_batches(two_
     assert two["world_size"] == 2 and two["step"] == one["step"] == 2
     for key, value in one["model"].items():
         torch.testing.assert_close(two["model"][key], value, rtol=1e-7, atol=1e-9, msg=key)
+
+
+def ctrl_c_on_one_rank(rank, out_dir):
+    """sc.train with a SIGINT to rank 1 alone during step 1 (of 4, logging every 2): the step at which each rank
+    stopped, its exit status and whether it wrote the checkpoint."""
+    real_step, saved, steps = sc.train_step, [], []
+
+    def interrupted_on_rank_1(*args, **kwargs):
+        steps.append(1)
+        if rank == 1 and len(steps) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    real_save = sc.save_checkpoint
+    sc.train_step, sc.save_checkpoint = interrupted_on_rank_1, lambda *args: saved.append(1) or real_save(*args)
+    code = None
+    try:
+        sc.train(sc.parse_config(DDP_RUN + ["--batch-size", "12", "--max-steps", "4", "--log-every", "2",
+                                            "--out-dir", str(Path(out_dir) / "ctrl-c")]))
+    except SystemExit as exit_info:
+        code = exit_info.code
+    finally:
+        sc.train_step, sc.save_checkpoint = real_step, real_save
+    torch.save(dict(code=code, steps=len(steps), saved=len(saved)), Path(out_dir) / f"ctrl-c-rank{rank}.pt")
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(two_ranks):
+    """A terminal's Ctrl-C reaches every rank, a `kill -INT` to one process only that rank: the ranks agree at the
+    next log step (a collective) and all stop there, rank 0 writing that step's checkpoint; none waits forever."""
+    ranks = [torch.load(two_ranks / f"ctrl-c-rank{r}.pt") for r in range(2)]
+    assert [r["code"] for r in ranks] == [130, 130] and [r["steps"] for r in ranks] == [2, 2]
+    assert ranks[0]["saved"] >= 1 and ranks[1]["saved"] == 0
+    assert sc.load_checkpoint(two_ranks / "ctrl-c" / "ckpt.pt")["step"] == 2
+    events = [json.loads(line) for line in (two_ranks / "ctrl-c" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "interrupted"] == [2]
 
 
 # =====================================================================================================
