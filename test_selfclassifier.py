@@ -1345,14 +1345,14 @@ def test_training_can_start_from_the_authors_checkpoint(tmp_path):
 MUTANTS = ("none", "gather_without_grad", "local_batch_normalisation", "wrong_target_rows")
 
 
-def ddp_steps(rank, world, out_dir, mutants):
+def ddp_steps(rank, world, mutants):
     """One training step per mutant on rank `rank` of `world` (world 1 = the reference on the whole batch), in
     float64: BatchNorm over 8 tiny images is ill-conditioned enough that float32 rounding differs by ~1% between
-    the two summation orders, which would hide real mistakes behind a loose tolerance. Rank 0 saves each result."""
+    the two summation orders, which would hide real mistakes behind a loose tolerance. -> {mutant: result}."""
     threads, default_dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    originals = sc.gather_with_grad, sc.rank
+    originals, results = (sc.gather_with_grad, sc.rank), {}
     try:
         for mutant in mutants:
             if mutant == "gather_without_grad":  # the usual mistake: other ranks' logits as constants
@@ -1365,24 +1365,25 @@ def ddp_steps(rank, world, out_dir, mutants):
                 sc.gather_with_grad, sc.rank = sc.no_gather, (lambda: 0)
             elif mutant == "wrong_target_rows":  # every rank keeps rank 0's rows of the global target
                 sc.rank = lambda: 0
-            result = one_ddp_step(rank, world)
-            if rank == 0:
-                torch.save(result, Path(out_dir) / f"{mutant}-world{world}.pt")
+            results[mutant] = one_ddp_step(rank, world)
             sc.gather_with_grad, sc.rank = originals
     finally:
         sc.gather_with_grad, sc.rank = originals
         torch.set_num_threads(threads)
         torch.set_default_dtype(default_dtype)
+    return results
 
 
-def gloo_rank(rank, world, init_file, out_dir):
+def gloo_rank(rank, world, init_file, out_dir, reference):
     """Rank `rank` of the two gloo processes that every cross-process test reads from: one start for all of them.
-    Forked (a spawned child spends seconds importing torch again); one thread, as DataLoader's forked workers."""
+    Forked (a spawned child spends seconds importing torch again); one thread, as DataLoader's forked workers.
+    reference: one process's step on the whole batch, which rank 0 compares each mutant's step with."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        ddp_steps(rank, world, out_dir, MUTANTS)
+        matches = {mutant: ddp_matches(reference, result) for mutant, result in ddp_steps(rank, world, MUTANTS).items()}
+        torch.save(matches, Path(out_dir) / f"ddp-matches-rank{rank}.pt")
         batchnorm_in_groups(rank, out_dir)
         loss_with_a_process_group(rank, out_dir)
         budget_plan_on_both_ranks(rank, out_dir)
@@ -1395,8 +1396,9 @@ def gloo_rank(rank, world, init_file, out_dir):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("gloo")
-    ranks = torch.multiprocessing.start_processes(gloo_rank, args=(2, str(out / "init"), out), nprocs=2, join=False,
-                                                  start_method="fork")
+    reference = ddp_steps(0, 1, ["none"])["none"]
+    ranks = torch.multiprocessing.start_processes(gloo_rank, args=(2, str(out / "init"), out, reference), nprocs=2,
+                                                  join=False, start_method="fork")
     deadline = time.time() + 120
     while not ranks.join(timeout=1):  # a child's exception is raised here
         if time.time() > deadline:  # a collective that never completes: fail, never hang the suite
@@ -1434,13 +1436,12 @@ def ddp_matches(reference, result):
             and all(close(reference["params"][n], result["params"][n]) for n in reference["params"]))
 
 
-def test_two_process_ddp_step_equals_one_process_on_the_whole_batch(tmp_path, two_ranks):
-    ddp_steps(0, 1, tmp_path, ["none"])
-    reference = torch.load(tmp_path / "none-world1.pt", weights_only=False)
-    assert ddp_matches(reference, torch.load(two_ranks / "none-world2.pt", weights_only=False))
-    # the comparison is sharp enough to catch each classic mistake
-    for mutant in MUTANTS[1:]:
-        assert not ddp_matches(reference, torch.load(two_ranks / f"{mutant}-world2.pt", weights_only=False)), mutant
+def test_two_process_ddp_step_equals_one_process_on_the_whole_batch(two_ranks):
+    for r in range(2):  # each rank's loss, gradients and parameters against one process's (compared on the rank)
+        matches = torch.load(two_ranks / f"ddp-matches-rank{r}.pt")
+        assert matches["none"], r
+        # the comparison is sharp enough to catch each classic mistake
+        assert not any(matches[mutant] for mutant in MUTANTS[1:]), (r, matches)
 
 
 def batchnorm_in_groups(rank, out_dir):
