@@ -1377,7 +1377,7 @@ def ddp_steps(rank, world, mutants):
 def gloo_rank(rank, world, init_file, out_dir, reference):
     """Rank `rank` of the two gloo processes that every cross-process test reads from: one start for all of them.
     Forked (a spawned child spends seconds importing torch again); one thread, as DataLoader's forked workers.
-    reference: one process's step on the whole batch, which rank 0 compares each mutant's step with."""
+    reference: one process's step on the whole batch, which each rank compares its step of each mutant with."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
