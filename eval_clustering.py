@@ -320,8 +320,8 @@ def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds, l2_nor
     training features are)."""
     train_features, eval_features = torch.as_tensor(train_features).float(), torch.as_tensor(eval_features).float()
     if l2_normalise:
-        train_features = torch.nn.functional.normalize(train_features, dim=1)
-        eval_features = torch.nn.functional.normalize(eval_features, dim=1)
+        train_features = F.normalize(train_features, dim=1)
+        eval_features = F.normalize(eval_features, dim=1)
     runs = []
     for done, seed in enumerate(seeds, 1):
         fit_on = train_features
