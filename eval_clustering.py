@@ -854,6 +854,9 @@ def evaluate(args):
     model, cfg = load_model_and_config(args)
     model, size = model.to(args.device), args.image_size or cfg.global_size
     eval_set = sc.load_split(cfg, train=False)
+    if eval_set is None:
+        raise sc.UserError(f"{cfg.data} has no evaluation split (test/ or val/ of class folders) to score; --predict "
+                           "classifies a folder")
     to_superclass, class_names = true_classes(args, cfg, eval_set)
     dtype = sc.autocast_dtype(args.precision, torch.device(args.device))  # fp32: None, bf16: autocast
     extract = lambda split, what: sc.extract(model, split, size, args.batch_size, args.workers, args.device, what,
@@ -909,7 +912,7 @@ def main(argv=None):
         return predict(args) if args.predict else evaluate(args)
     except (sc.UserError, ValueError, OSError) as error:  # OSError: e.g. --json or --grid-dir not writable
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(1)  # 2: argparse's, for the command line
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)

@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import re
 import signal
 import sys
@@ -835,16 +834,16 @@ def load_image_folder(root, in_memory_max_size, workers, labelled=True):
 
 
 def load_split(cfg, train):
-    """The training split (train=True) or the evaluation split of cfg.dataset; an image folder without train/ is
-    unlabelled: all its images at any depth train, and it has no evaluation split (None)."""
+    """The training split (train=True) or the evaluation split of cfg.dataset (None for an image folder without
+    test/ or val/). An image folder without train/ is unlabelled: all its images at any depth train."""
     root = Path(cfg.data)
     if cfg.dataset == "synthetic":
         return make_synthetic(train)
     if cfg.dataset == "imagefolder" and not (root / "train").is_dir():  # one's own images: no labels, no split
         return load_image_folder(root, cfg.in_memory_max_size, cfg.workers, labelled=False) if train else None
     if cfg.dataset == "imagefolder":
-        split = next((root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
-        return load_image_folder(root / "train" if train else split, cfg.in_memory_max_size, cfg.workers)
+        split = root / "train" if train else next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
+        return split and load_image_folder(split, cfg.in_memory_max_size, cfg.workers)
     try:
         if cfg.dataset == "stl10":
             ds = torchvision.datasets.STL10(root, split="train+unlabeled" if train else "test", download=cfg.download)
@@ -984,8 +983,8 @@ def setup_distributed(device_choice):
 # =====================================================================================================
 MODEL_KEYS = ("arch", "stem", "hidden_dim", "embed_dim", "num_classes")
 RUN_KEYS = ("dataset", "data", "batch_size", "world_size", "epochs", "minutes", "warmup_epochs", "lr", "warmup_lr",
-            "final_lr", "optimizer")  # what defines a run's data and schedule: a checkpoint in OUT_DIR with others
-                                      # is another run's
+            "final_lr", "optimizer", "lars_exclude_1d", "queue_len")  # a run's data, schedule and the layout of its
+                                                                      # optimizer and queue: with others, another run's
 
 
 def save_checkpoint(path, state):
@@ -1000,19 +999,14 @@ def strip_prefixes(state_dict):
     return {k.replace("module.", "").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
 
 
-class CheckpointUnpickler(pickle.Unpickler):
-    """Objects of classes that cannot be imported here unpickle to inert namespaces: the authors' train.py pickles
-    its nearest-neighbour queue (their utils.NNQueue) into every checkpoint, unreadable outside their source folder."""
-
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return types.SimpleNamespace
+class AuthorsQueue:
+    """Inert stand-in for the nearest-neighbour queue (their utils.NNQueue: tensors, a pointer, a flag) that the
+    authors' train.py pickles into every checkpoint; unpickled as data, never used."""
 
 
-checkpoint_pickle = types.SimpleNamespace(__name__="checkpoint_pickle", Unpickler=CheckpointUnpickler,
-                                          load=lambda file, **kwargs: CheckpointUnpickler(file, **kwargs).load())
+# A checkpoint is data: torch.load(weights_only=True) rebuilds tensors, numbers, strings, lists and dicts only. The
+# authors' files need two more globals (read off their train.py's save_checkpoint); nothing else is ever imported.
+AUTHORS_GLOBALS = [argparse.Namespace, (AuthorsQueue, "utils.NNQueue")]
 
 
 def from_authors_checkpoint(state):
@@ -1055,8 +1049,13 @@ def load_checkpoint(path):
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=checkpoint_pickle)
-    except Exception as error:  # truncated or not a torch file
+        with torch.serialization.safe_globals(AUTHORS_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or code in its pickle (refused before it runs)
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if wanted:  # a global beyond tensors and the authors' two: refused before anything in the file ran
+            raise UserError(f"checkpoint {path} wants to load {wanted[1]}: "
+                            "not a checkpoint this program reads") from None
         raise UserError(f"cannot read checkpoint {path} ({one_line(error)})") from None
     if isinstance(state, dict) and any("mlp_head." in k for k in state.get("state_dict") or {}):
         try:
@@ -1174,10 +1173,11 @@ def test_split_monitors(run, epoch, heads, knn):
         return
     try:
         from eval_clustering import CIFAR100_SUPERCLASS, cluster_metrics, knn_accuracy
-    except ImportError:
+    except ImportError as error:  # e.g. the file is missing, or scipy is
         if not run.said_no_metrics:
             run.said_no_metrics = True
-            log(run, dict(event="no_metrics"), "eval_clustering.py not found: the test-split monitors are skipped")
+            log(run, dict(event="no_metrics"), f"cannot import eval_clustering: {error}; the test-split monitors "
+                "are skipped")
         return
     cfg, model, step = run.cfg, run.raw_model, run.step
     test = extract(model, run.eval_set, cfg.global_size, cfg.batch_size, cfg.workers, run.device, "test features",
@@ -1302,7 +1302,7 @@ def start_run(cfg, started):
     torch.manual_seed(cfg.seed + rank())
     run = types.SimpleNamespace(cfg=cfg, device=device, started=started, is_main=rank() == 0, log_file=None,
                                 out_dir=Path(cfg.out_dir), step=0, schedule=None, overhead=0.0, pending_losses=[],
-                                said_no_metrics=False, pace_start=None)
+                                interval_losses=[], said_no_metrics=False, pace_start=None)
     run.ckpt_path = run.out_dir / "ckpt.pt"
     try:
         run.out_dir.mkdir(parents=True, exist_ok=True)
@@ -1324,12 +1324,15 @@ def start_run(cfg, started):
 
 def load_data(run):
     cfg = run.cfg
+    run.global_batch = cfg.batch_size * world_size()
+    if cfg.queue_len and run.global_batch >= cfg.queue_len:  # push would write several rows to one slot
+        raise UserError(f"--queue-len {cfg.queue_len} must exceed the global batch of {run.global_batch} images "
+                        "(the authors' queue holds 64 of their batches)")
     run.train_set, run.eval_set = load_split(cfg, train=True), load_split(cfg, train=False)
     run.specs = view_specs(cfg)
     if use_batch_aug(cfg, run.train_set):  # the whole uint8 dataset lives on the device: no loader, no copies
         run.train_set.images = run.train_set.images.to(run.device)
         run.train_set.labels = run.train_set.labels.to(run.device)
-    run.global_batch = cfg.batch_size * world_size()
     run.steps_per_epoch = len(run.train_set) // run.global_batch
     if run.steps_per_epoch == 0:
         raise UserError(f"{len(run.train_set)} training images are fewer than one global batch of {run.global_batch}")
@@ -1338,7 +1341,7 @@ def load_data(run):
                       f"asks every class to be used by N/C samples of a batch, which needs many samples per class")
     run.eval_labelled = run.eval_set is not None and all(label >= 0 for label in run.eval_set.targets)
     run.labelled_train = sum(label >= 0 for label in getattr(run.train_set, "targets", []))
-    if not run.eval_labelled and cfg.eval_every + cfg.knn_every != 0:
+    if not run.eval_labelled and (cfg.eval_every or cfg.knn_every):
         log(run, dict(event="no_monitors"), f"no labelled evaluation split in {cfg.data}: the test-split NMI/ACC and "
             "kNN monitors are skipped (the loss and collapse monitors stay; labels are never needed to train)")
 
@@ -1364,17 +1367,19 @@ def find_checkpoint(cfg, ckpt_path):
 
 
 def resume(run, state, path, own):
-    """Continue from a checkpoint: the model always; optimizer, scaler, queue and step unless it is the authors'."""
+    """The model's weights always; optimizer, scaler, queue, step and schedule only when continuing this run (own).
+    --resume FILE, ours or the authors', starts a new run from FILE's weights."""
     run.raw_model.load_state_dict(strip_prefixes(state["model"]))
-    if state.get("source") == "authors":
-        log(run, dict(event="init", source=str(path)), f"initialised the model from the authors' checkpoint {path}; "
-            "optimizer, schedule and queue start fresh")
+    if not own:
+        whose = "the authors' checkpoint" if state.get("source") == "authors" else "checkpoint"
+        log(run, dict(event="init", source=str(path)), f"started from the weights of {whose} {path}; optimizer, "
+            "schedule, queue and step start afresh")
         return
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
     if run.queue is not None and state.get("queue"):
         run.queue.load_state_dict(state["queue"])
-    run.step, run.schedule = state["step"], state.get("schedule") if own else None
+    run.step, run.schedule = state["step"], state.get("schedule")
     log(run, dict(event="resume", step=run.step), f"resumed from {path} at step {run.step}")
 
 
@@ -1396,14 +1401,15 @@ def last_step(run):
 
 
 def check_losses(run):
-    """The losses since the last check, copied to the host at once (no sync per step); a NaN stops the run."""
+    """Copy the losses since the last check to the host at once (no sync per step) into run.interval_losses, which
+    the next log line averages and empties; a NaN stops the run."""
     values = torch.stack([loss for _, loss in run.pending_losses]).tolist() if run.pending_losses else []
     for (step, _), value in zip(run.pending_losses, values):
         if not math.isfinite(value):
             raise UserError(f"loss is {value} at step {step}; stopping. {run.ckpt_path} (step {run.saved_step}) is "
                             "left as it was: lower --lr, or use --precision bf16/fp32 instead of fp16")
     run.pending_losses.clear()
-    return values
+    run.interval_losses += values
 
 
 def save(run):
@@ -1494,7 +1500,8 @@ def train_epoch(run, epoch, interrupted):
 
 
 def log_interval(run, epoch, lr, monitor, interval):
-    losses = check_losses(run)
+    check_losses(run)
+    losses, run.interval_losses = run.interval_losses, []
     loss_mean = all_reduce_sum(torch.tensor([sum(losses) / len(losses)], device=run.device)) / world_size()
     elapsed = time.time() - interval["start"]
     record = dict(event="train", epoch=epoch, step=run.step, loss=float(loss_mean), lr=lr,  # mean over ranks
@@ -1570,7 +1577,7 @@ def main(argv=None):
         train(cfg, started)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(1)  # 2: argparse's, for the command line
     except KeyboardInterrupt:  # before training started (afterwards Ctrl-C saves a checkpoint and exits 130)
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)

@@ -224,14 +224,14 @@ def test_missing_cifar_says_how_to_get_it(tmp_path):
 
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path, monkeypatch, capsys):
-    """`python selfclassifier.py ...` with a bad input: exit status 2 and one line, not an exception. Run as __main__
+    """`python selfclassifier.py ...` with a bad input: exit status 1 and one line, not an exception. Run as __main__
     in this process (runpy), as the interpreter runs the file, without the seconds of a second torch import."""
     monkeypatch.setattr(sys, "argv", ["selfclassifier.py", "--dataset", "imagefolder", "--data",
                                       str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(HERE / "selfclassifier.py"), run_name="__main__")
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: cannot read image folder") and err.count("\n") == 1
+    assert exit_info.value.code == 1 and err.startswith("error: cannot read image folder") and err.count("\n") == 1
 
 
 def pattern(n, size, offset=0):
@@ -1340,6 +1340,204 @@ def test_training_can_start_from_the_authors_checkpoint(tmp_path):
 
 
 # =====================================================================================================
+# Checkpoints are data: hostile pickles are refused before they run, at every entry point
+# =====================================================================================================
+class Payload:
+    """Pickles as a call of `function(*args)`: what a hostile checkpoint runs on an unrestricted torch.load."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def payloads(marker, plant_dir):
+    """Each way a pickle may run code, each creating `marker` if it ever ran."""
+    import builtins
+    import functools
+    import importlib
+    (plant_dir / "plant_module.py").write_text(f"open({str(marker)!r}, 'w').close()\n")  # imported = it ran
+    return {"os.system": Payload(os.system, f"touch {marker}"),
+            "builtins.exec": Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+            "subprocess.Popen": Payload(subprocess.Popen, ["touch", str(marker)]),
+            "importlib.import_module": Payload(importlib.import_module, "plant_module"),
+            "functools.partial": Payload(functools.partial(os.system, f"touch {marker}"))}
+
+
+def hostile_checkpoints(tmp_path):
+    """Every payload twice: in our layout, and hidden in the authors' (a state_dict with mlp_head. keys, evil args)."""
+    marker = tmp_path / "MARKER"
+    files = []
+    for name, payload in payloads(marker, tmp_path).items():
+        for layout, state in (("ours", dict(model={}, config=payload, step=0)),
+                              ("authors", dict(state_dict={"module.mlp_head.mlp.0.weight": torch.zeros(2, 2)},
+                                               args=payload, epoch=1))):
+            path = tmp_path / f"{name}-{layout}.pt"
+            torch.save(state, path)
+            files.append(path)
+    return marker, files
+
+
+def test_a_hostile_checkpoint_is_refused_in_one_line_at_every_entry_point(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(tmp_path))  # where import_module would find the planted module
+    marker, files = hostile_checkpoints(tmp_path)
+    (tmp_path / "photos").mkdir()
+    entry_points = {
+        "load_checkpoint": lambda path: sc.load_checkpoint(path),
+        "--resume": lambda path: sc.main(TINY + ["--resume", str(path), "--out-dir", str(tmp_path / "run")]),
+        "--out-dir": lambda path: (tmp_path / "own").mkdir(exist_ok=True) or os.replace(
+            path, tmp_path / "own" / "ckpt.pt") or sc.main(TINY + ["--out-dir", str(tmp_path / "own")]),
+        "--checkpoint": lambda path: ec.main(["--checkpoint", str(path)]),
+        "--predict": lambda path: ec.main(["--checkpoint", str(path), "--predict", str(tmp_path / "photos")]),
+    }
+    for path in files:
+        for entry, call in entry_points.items():
+            kept = path.read_bytes()
+            with pytest.raises((SystemExit, sc.UserError)) as refused:
+                call(path)
+            path.write_bytes(kept)  # --out-dir moved it
+            global_name = path.name.split("-")[0].split(".")[-1]  # os.system is posix.system to pickle
+            error = capsys.readouterr().err if refused.type is SystemExit else f"error: {refused.value}\n"
+            assert refused.type is sc.UserError or refused.value.code == 1, (path.name, entry)
+            assert error.count("\n") == 1 and "not a checkpoint this program reads" in error, (path.name, entry, error)
+            assert "wants to load " in error and global_name in error, (path.name, entry, error)
+            assert not marker.exists(), f"{path.name} ran its payload through {entry}"
+
+
+def test_the_docs_example_payload_prints_one_line_and_exits_1(tmp_path):
+    """docs/tests.md shows a hostile checkpoint; `python eval_clustering.py --checkpoint evil.pt` refuses it."""
+    text = (HERE / "docs" / "tests.md").read_text()
+    program = text.split("```python\n", 1)[1].split("```", 1)[0]
+    subprocess.run([sys.executable, "-c", program], cwd=tmp_path, check=True, timeout=120)
+    assert (tmp_path / "evil.pt").is_file()
+    result = subprocess.run([sys.executable, str(HERE / "eval_clustering.py"), "--checkpoint", "evil.pt"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: checkpoint evil.pt wants to load ") and not list(tmp_path.glob("PWNED*"))
+
+
+def test_resume_file_starts_a_new_run_from_its_weights(tmp_path, short_epochs):
+    """--resume FILE of a finished run, into a new --out-dir: its weights, then the whole schedule afresh (step 0,
+    new optimizer), said in one line; not "already trained", not the middle of the cosine."""
+    sc.train(tiny(tmp_path / "first", "--queue-len", "0"))  # 2 epochs of 4 steps: finished
+    finished = sc.load_checkpoint(tmp_path / "first" / "ckpt.pt")
+    assert finished["step"] == 8
+    started = []
+    real_step = sc.train_step
+
+    def first_weights(model, raw_model, optimizer, *args, **kwargs):
+        if not started:
+            started.append(({k: v.clone() for k, v in raw_model.state_dict().items()}, optimizer.state_dict()))
+        return real_step(model, raw_model, optimizer, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sc, "train_step", first_weights)
+        sc.train(tiny(tmp_path / "second", "--queue-len", "0", "--resume", str(tmp_path / "first" / "ckpt.pt")))
+    weights, optimizer = started[0]
+    assert all(torch.equal(weights[k], v) for k, v in finished["model"].items())
+    assert optimizer["state"] == {}  # no momentum carried over
+    log = (tmp_path / "second" / "log.jsonl").read_text()
+    assert '"event": "init"' in log and '"event": "resume"' not in log and "already trained" not in log
+    steps = [r["step"] for r in train_records(tmp_path / "second")]
+    assert steps[0] == 1 and steps[-1] == 8 and sc.load_checkpoint(tmp_path / "second" / "ckpt.pt")["step"] == 8
+
+
+def test_continuing_with_another_optimizer_or_queue_layout_is_one_line(tmp_path):
+    sc.train(tiny(tmp_path, "--max-steps", "1"))
+    for flags, changed in ((["--lars-exclude-1d"], "lars_exclude_1d=False.*lars_exclude_1d=True"),
+                           (["--queue-len", "512"], "queue_len=256.*queue_len=512")):
+        with pytest.raises(sc.UserError, match=changed) as refused:
+            sc.train(tiny(tmp_path, "--max-steps", "2", *flags))
+        assert "\n" not in str(refused.value)
+    sc.train(tiny(tmp_path, "--max-steps", "2"))
+    assert sc.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+
+
+def test_a_queue_no_longer_than_the_global_batch_is_refused(tmp_path):
+    with pytest.raises(sc.UserError, match="--queue-len 64 must exceed the global batch of 64") as refused:
+        sc.train(tiny(tmp_path, "--queue-len", "64"))  # TINY's batch: 64
+    assert "\n" not in str(refused.value) and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_every_logged_loss_is_the_mean_of_its_interval_across_saves(tmp_path, monkeypatch, short_epochs):
+    """A checkpoint every step (--save-every-min tiny) and a monitor at each epoch end in the middle of log intervals
+    of 3 steps: each logged loss is still the mean over all the steps of its interval."""
+    real_step, losses = sc.train_step, {}
+
+    def recording(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        losses[len(losses) + 1] = float(out[0])
+        return out
+
+    monkeypatch.setattr(sc, "train_step", recording)
+    sc.train(tiny(tmp_path, "--log-every", "3", "--save-every-min", "1e-9", "--epochs", "3", "--eval-every", "1"))
+    records = train_records(tmp_path)
+    ends = [r["step"] for r in records]
+    assert 6 in ends and 5 not in ends and 4 in ends  # an interval (4, 6] with a save after step 5
+    for start, record in zip([0] + ends, records):
+        expected = np.mean([losses[s] for s in range(start + 1, record["step"] + 1)])
+        assert math.isclose(record["loss"], expected, rel_tol=1e-6), (record["step"], record["loss"], expected)
+
+
+def test_a_labelled_folder_without_a_test_split_trains(tmp_path, capsys):
+    write_folder(tmp_path / "images", per_class=40)
+    import shutil
+    shutil.rmtree(tmp_path / "images" / "val")
+    sc.train(tiny(tmp_path / "run", "--max-steps", "1", "--dataset", "imagefolder", "--eval-every", "1",
+                  "--data", str(tmp_path / "images")))
+    out = capsys.readouterr().out
+    assert out.count("test-split NMI/ACC and kNN monitors are skipped") == 1
+    assert sc.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 1
+    with pytest.raises(SystemExit) as exit_info:
+        ec.main(["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--workers", "0"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "has no evaluation split" in error and error.count("\n") == 1
+
+
+def test_a_failing_import_of_eval_clustering_is_named(tmp_path):
+    """eval_clustering.py present but its import failing (e.g. scipy missing): the line names the real cause."""
+    (tmp_path / "selfclassifier.py").write_bytes((HERE / "selfclassifier.py").read_bytes())
+    (tmp_path / "eval_clustering.py").write_text("import no_such_module_for_this_test\n")
+    flags = TINY + ["--batch-size", "1000", "--epochs", "1", "--warmup-epochs", "0", "--eval-every", "1",
+                    "--knn-every", "0", "--queue-len", "0", "--workers", "0", "--global-size", "8", "--local-crops",
+                    "0", "--out-dir", "run"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "selfclassifier.py", *flags], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("cannot import eval_clustering: No module named 'no_such_module_for_this_test'") == 1
+
+
+def test_the_queue_stores_and_replaces_the_first_global_view():
+    """The authors push the first global crop's embedding and replace that same view by its nearest neighbour:
+    after a step, the newest queue rows are views[0]'s embeddings (not views[1]'s), and the loss is the one with
+    views[0]'s logits replaced by those of views[0]'s neighbour (not another view's)."""
+    import copy
+    cfg = sc.parse_config(["--hidden-dim", "32", "--embed-dim", "8", "--num-classes", "4", "6", "--global-size", "16",
+                           "--local-crops", "1", "--local-size", "8", "--stem", "imagenet", "--queue-len", "64"])
+    torch.manual_seed(0)
+    model = sc.build_model(cfg)
+    optimizer, scaler = sc.build_optimizer(model, cfg), torch.amp.GradScaler("cpu", enabled=False)
+    queue = sc.NeighbourQueue(64, cfg.embed_dim)
+    queue.push(F.normalize(torch.randn(64, cfg.embed_dim), dim=1), torch.arange(100, 164), torch.arange(64) % 3)
+    images, labels = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8), torch.arange(16) % 3
+    views = sc.multi_crop(images, sc.view_specs(cfg), seed=0)
+    before, queue_before = copy.deepcopy(model), copy.deepcopy(queue)
+    embeddings, head_logits = before(views)
+    neighbour, _ = queue_before.neighbours(embeddings[0], torch.arange(16))
+    for view_logits, s in zip(head_logits, before.classify(neighbour)):
+        view_logits[0] = s
+    expected = sum(sc.self_classifier_loss(v, cfg.row_tau, cfg.col_tau) for v in head_logits) / len(head_logits)
+    loss, _, _ = sc.train_step(model, model, optimizer, scaler, views, labels, torch.arange(16), queue, cfg, None)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    stored = queue.embeddings[:16]  # slots 64..79 of the filled queue: rows 0..15
+    torch.testing.assert_close(stored, embeddings[0].detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(stored, embeddings[1].detach(), atol=1e-3)
+    assert torch.equal(queue.indices[:16], torch.arange(16))
+
+
+# =====================================================================================================
 # Distributed equivalence: two gloo processes == one process on the concatenated batch
 # =====================================================================================================
 MUTANTS = ("none", "gather_without_grad", "local_batch_normalisation", "wrong_target_rows")
@@ -2334,7 +2532,7 @@ def test_eval_command_line_scores_superclasses_both_ways(trained, tmp_path, caps
     monkeypatch.setattr(sc, "extract", lambda *args: pytest.fail("features extracted before the map was read"))
     with pytest.raises(SystemExit) as exit_info:  # a bad map fails at once, in one line
         ec.main(quick + ["--class-map", str(tmp_path / "twice.txt")])
-    assert exit_info.value.code == 2 and "names class 'hstripes-p4' twice" in capsys.readouterr().err
+    assert exit_info.value.code == 1 and "names class 'hstripes-p4' twice" in capsys.readouterr().err
 
 
 def test_evaluation_runs_the_backbone_in_float32_unless_bf16_is_asked(trained, capsys, monkeypatch):
@@ -2430,7 +2628,7 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path, monkeypatch, capsys):
     not_a_dir.write_text("")
     with pytest.raises(SystemExit) as exit_info:
         sc.main(["--dataset", "synthetic", "--out-dir", str(not_a_dir / "out")])
-    assert exit_info.value.code == 2 and "error: cannot write to --out-dir" in capsys.readouterr().err
+    assert exit_info.value.code == 1 and "error: cannot write to --out-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # refused before the evaluation starts
         ec.parse_args(["--checkpoint", "ckpt.pt", "--json", str(not_a_dir / "scores.json")])
     assert exit_info.value.code == 2 and "the folder" in capsys.readouterr().err
@@ -2439,7 +2637,7 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ec, "evaluate", write_fails)
     with pytest.raises(SystemExit) as exit_info:
         ec.main(["--checkpoint", "ckpt.pt", "--grid-dir", "/grids"])
-    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: [Errno 13] Permission denied: '/grids'\n"
+    assert exit_info.value.code == 1 and capsys.readouterr().err == "error: [Errno 13] Permission denied: '/grids'\n"
 
 
 @pytest.mark.parametrize("make, message", [
@@ -2453,7 +2651,7 @@ def test_eval_command_line_refuses_bad_checkpoints_in_one_line(tmp_path, make, m
     with pytest.raises(SystemExit) as exit_info:  # an uncaught exception (a traceback) would fail the test
         ec.main(["--checkpoint", str(path)])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+    assert exit_info.value.code == 1 and message in error and len(error.strip().splitlines()) == 1
 
 
 # =====================================================================================================
@@ -2528,7 +2726,7 @@ def test_predict_on_a_missing_or_empty_folder_is_one_line(trained, tmp_path, mak
     with pytest.raises(SystemExit) as exit_info:
         ec.main(["--checkpoint", str(trained / "ckpt.pt"), "--predict", str(tmp_path / "empty")])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+    assert exit_info.value.code == 1 and message in error and len(error.strip().splitlines()) == 1
 
 
 # =====================================================================================================
@@ -2674,7 +2872,8 @@ def test_selfclassifier_runs_alone_and_says_once_which_monitors_it_skips(tmp_pat
     run = subprocess.run([sys.executable, "selfclassifier.py", *flags], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count("eval_clustering.py not found: the test-split monitors are skipped") == 1, run.stdout
+    assert run.stdout.count("cannot import eval_clustering: No module named 'eval_clustering'; the test-split "
+                            "monitors are skipped") == 1, run.stdout
     assert sc.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
 
 
