@@ -12,8 +12,8 @@ accuracy after the best one-to-one matching of clusters to classes (Hungarian al
 than classes, acc_majority maps each cluster to its most frequent class and acc_hungarian_majority is the
 authors' variant as their code computes it (matching first, majority for the clusters left over).
 superclass_accuracy is the authors' superclass ACC (clusters matched to fine classes, scored on their superclasses).
-The functions above the command-line section import nothing from selfclassifier.py; only the command line,
-which needs the model and the data, does (selfclassifier.py imports this file's metrics only while it trains).
+This file builds on selfclassifier.py (the model, the data, extract); its metrics, k-means and probes use none of it.
+selfclassifier.py's main() borrows monitor_test_split for the training's test-split monitors.
 """
 import argparse
 import json
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from scipy.special import gammaln
+
+import selfclassifier as sc
 
 # CIFAR-100 fine label (alphabetical class index) -> one of its 20 superclasses, from the dataset's own
 # "coarse_labels"; the clustering literature scores CIFAR-100 against these 20 classes.
@@ -580,6 +582,35 @@ def fit_logistic(features, labels, weight_decay, start, curvature, max_iter):
 
 
 # =====================================================================================================
+# Training's test-split monitors (handed to selfclassifier.train by its main)
+# =====================================================================================================
+def monitor_test_split(model, train_set, eval_set, cfg, device, dtype, heads=True, knn=True):
+    """On the labelled test split, without augmentation, the backbone in the training precision: heads, NMI / ACC /
+    ARI of the head(s) whose C is the number of true classes (CIFAR-100: its 20 superclasses, as the evaluation
+    scores it); knn, the top-1 of a weighted kNN (k = 20, or all labelled training images if fewer) on backbone
+    features, the labelled training images as neighbours. Returns [(log record, log line)]."""
+    out = []
+    test = sc.extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "test features", dtype)
+    to_true_class = CIFAR100_SUPERCLASS if cfg.dataset == "cifar100" else np.arange(len(eval_set.classes))
+    labels = to_true_class[test["labels"].numpy()]
+    for c, predicted in zip(cfg.num_classes, test["predictions"]):
+        if heads and c == len(np.unique(to_true_class)):
+            m = cluster_metrics(labels, predicted.numpy())
+            out.append((dict(event="eval", head=c, **m), f"eval head C{c}: NMI {100 * m['nmi']:.1f} "
+                        f"ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}"))
+    if knn:
+        train = sc.extract(model, train_set, cfg.global_size, cfg.batch_size, cfg.workers, device,
+                           "kNN training features", dtype)
+        labelled = train["labels"] >= 0
+        k = min(20, int(labelled.sum()))
+        train_labels = torch.as_tensor(to_true_class[train["labels"][labelled].numpy()])
+        top1 = knn_accuracy(train["backbone"][labelled], train_labels, test["backbone"], labels, k=k,
+                            device=device)["top1"]
+        out.append((dict(event="knn", k=k, top1=top1), f"kNN (k={k}, backbone features) top-1 {100 * top1:.1f}"))
+    return out
+
+
+# =====================================================================================================
 # Superclasses: score fine-class predictions against coarser labels
 # =====================================================================================================
 def read_class_map(path, class_names):
@@ -620,7 +651,6 @@ def read_class_map(path, class_names):
 # Command line
 # =====================================================================================================
 def command_line():
-    import selfclassifier as sc
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
@@ -690,7 +720,6 @@ def parse_args(argv=None):
 def load_model_and_config(args):
     """The checkpoint's model and config (--dataset / --data override where to evaluate), or a ResNet with --weights
     or a seeded random initialisation for the baselines."""
-    import selfclassifier as sc
     if args.checkpoint:
         state = sc.load_checkpoint(args.checkpoint)
         try:
@@ -711,7 +740,6 @@ def load_model_and_config(args):
 
 
 def load_backbone_weights(model, path, arch):
-    import selfclassifier as sc
     if not Path(path).is_file():
         raise sc.UserError(f"--weights {path} does not exist")
     try:
@@ -761,7 +789,6 @@ def format_table(rows):
 def save_class_grids(grid_dir, dataset, size, indices, predictions, names=None, per_class=16, seed=0):
     """One PNG per predicted class: up to per_class random images of it (dataset rows `indices`, as the evaluation
     sees them), named by its rank by size (rank000 = the largest), its id, its size and, if given, names[id]."""
-    import selfclassifier as sc
     import torchvision
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
@@ -782,7 +809,6 @@ def predict(args):
     """--predict DIR: the predicted class (and its probability, the row softmax at the checkpoint's row_tau) of every
     readable image under DIR, for every head, as a CSV sorted by path; the class sizes per head; optional grids."""
     import csv
-    import selfclassifier as sc
     model, cfg = load_model_and_config(args)
     root, size = Path(args.predict), args.image_size or cfg.global_size
     images = sc.load_image_folder(root, cfg.in_memory_max_size, args.workers, labelled=False)
@@ -826,7 +852,6 @@ def true_classes(args, cfg, eval_set):
 
 def representation_rows(args, dataset, train, test, labels, to_superclass):
     """kNN rows and the linear probe on backbone features, the labelled training images as training data."""
-    import selfclassifier as sc
     train_labels = train["labels"].numpy()
     labelled = train_labels >= 0  # STL-10's training split includes its unlabelled images
     if not labelled.any():
@@ -850,7 +875,6 @@ def representation_rows(args, dataset, train, test, labels, to_superclass):
 
 def evaluate(args):
     """Every head's clustering scores on the evaluation split, the k-means baselines, kNN and linear probe."""
-    import selfclassifier as sc
     model, cfg = load_model_and_config(args)
     model, size = model.to(args.device), args.image_size or cfg.global_size
     eval_set = sc.load_split(cfg, train=False)
@@ -906,7 +930,6 @@ def report(args, cfg, rows, images, num_true):
 
 
 def main(argv=None):
-    import selfclassifier as sc
     args = parse_args(argv)
     try:
         return predict(args) if args.predict else evaluate(args)

@@ -42,9 +42,7 @@ from torchvision.transforms import v2
 warnings.filterwarnings("ignore", "torch.distributed.nn.functional.* is deprecated", FutureWarning)
 
 
-# =====================================================================================================
-# Model: ResNet backbone -> projection MLP (l2-normalised) -> weight-normalised linear heads, one per C.
-# =====================================================================================================
+# ---- Model: ResNet backbone -> projection MLP (l2-normalised) -> weight-normalised linear heads, one per C
 class SelfClassifier(nn.Module):
     def __init__(self, arch="resnet18", stem="cifar", hidden_dim=4096, embed_dim=128, num_classes=(10,),
                  pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
@@ -101,9 +99,7 @@ def runs_of(items, key):
     return [list(run) for _, run in itertools.groupby(items, key=key)]
 
 
-# =====================================================================================================
-# Loss (paper Eq. 4-5, Algorithm 1)
-# =====================================================================================================
+# ---- Loss (paper Eq. 4-5, Algorithm 1)
 def no_gather(x):
     """The loss's gather on one process: the batch is the global batch, and all its rows are this process's."""
     return x, slice(None)
@@ -113,27 +109,26 @@ def self_classifier_loss(view_logits, row_tau=0.1, col_tau=0.05, num_global=2, e
     """Self-Classifier cross-entropy of one classification head over all views.
 
     view_logits: list over views (global views first) of [B, C] logits s = head(z) of this process's B images.
-    gather(x) -> (x of the global batch, the slice of this process's rows in it): no_gather on one process; in
-    data-parallel training gather_with_grad, which all-gathers *with gradient* into [N, C], N = B x world size, so
-    that both normalisations below run over the global batch, while each process keeps its own B rows and the mean
-    over processes is the global mean. (A caller that already holds the global batch keeps no_gather.)
+    gather(x) -> (x over the global batch of N images, the slice of this process's rows in it): no_gather on one
+    process (N = B); in data-parallel training gather_with_grad, an all-gather *with gradient*, so that both softmaxes
+    below normalise over the global batch.
 
         p(y|x)  = softmax_y(s / row_tau)                       "row softmax", over classes
-        p(x|y)  = softmax_x(s / col_tau)                       "column softmax", over the batch
+        p(x|y)  = softmax_x(s / col_tau)                       "column softmax", over the N images of the batch
         target(x_i)[n, y]  = p(x_n|y) / sum_y' p(x_n|y')                 (Eq. 5, via Bayes: uniform p(y))
         logpred(x_j)[n, y] = log( N/C * p(y|x_n) / sum_n' p(y|x_n') )   (Eq. 4: uniform prior on classes)
-        l(i, j) = -1/N sum_n sum_y target(x_i)[n, y] * logpred(x_j)[n, y]
+        l(i, j) = -mean over this process's rows n of sum_y target(x_i)[n, y] * logpred(x_j)[n, y]
 
-    Returns the mean of l(i, j) over ordered pairs (target view i, predicted view j), i != j, skipping pairs
-    where both views are local (index >= num_global); for two views this is (l(0,1) + l(1,0)) / 2. Written plainly:
+    (with equal B on every process, the mean of l over processes, which DDP's gradient averaging takes, is the
+    mean over the global batch). Returns the mean of l(i, j) over ordered pairs (target view i, predicted view j),
+    i != j, skipping pairs of two local views (index >= num_global); for two views (l(0,1) + l(1,0)) / 2:
 
         pairs = [(i, j) for i in range(V) for j in range(V) if i != j and (i < num_global or j < num_global)]
         loss = sum(l(i, j) for i, j in pairs) / len(pairs)
 
-    computed here for all pairs at once as one [V, V] matrix of l(i, j) (one einsum instead of V^2 small ones).
-    No stop-gradient: the target is differentiated too. Computed in float32 even under autocast. eps = 1e-12 is
-    the authors' default: once logits reach about 3, eps = 1e-8 changes the loss by ~25 % and the gradient by
-    more than 100 % (column-softmax masses of a sample fall below 1e-8)."""
+    computed for all pairs at once as one [V, V] matrix of l(i, j). No stop-gradient: the target is differentiated
+    too. Float32 even under autocast. eps = 1e-12 is the authors': with logits of about 3, 1e-8 changes the loss by
+    ~25 % and the gradient by more than 100 % (column-softmax masses of a sample fall below 1e-8)."""
     logits = torch.stack(view_logits, 1)                                        # [B, V, C]: all views at once
     logits, rows = gather(logits.to(torch.promote_types(logits.dtype, torch.float32)))  # [N, V, C], >= float32
     N, V, C = logits.shape
@@ -146,23 +141,49 @@ def self_classifier_loss(view_logits, row_tau=0.1, col_tau=0.05, num_global=2, e
     return (cross * pairs).sum() / pairs.sum()
 
 
-# =====================================================================================================
-# Nearest-neighbour augmentation: the first global view's embedding is replaced by its nearest past neighbour.
-# =====================================================================================================
+# the loss's and the queue's gathers in data-parallel training; no-ops on one process
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather(x, with_grad=False):
+    """All-gather along dim 0; with_grad: differentiable (each rank's gradient flows back to the rank it came from)."""
+    if world_size() == 1:
+        return x
+    if with_grad:
+        import torch.distributed.nn.functional as dist_nn
+        return torch.cat(dist_nn.all_gather(x))
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def gather_with_grad(x):
+    """The loss's gather in data-parallel training: (the global batch, with gradient; the slice of this rank's rows)."""
+    return all_gather(x, with_grad=True), slice(rank() * len(x), (rank() + 1) * len(x))
+
+
+# ---- Nearest-neighbour augmentation: the first global view's embedding replaced by its nearest past neighbour
 class NeighbourQueue(nn.Module):
     """FIFO queue of detached embeddings of the first global view of past batches (all ranks), with their dataset
-    indices (to never return a sample as its own neighbour) and labels (only to monitor neighbour label agreement)."""
+    indices (to never return a sample as its own neighbour) and labels (only to monitor neighbour label agreement).
+    The authors replace the first view's embedding by its neighbour's before the heads; train_step replaces that
+    view's logits by the heads' logits of the neighbour, the same numbers (the heads act on each row alone)."""
 
     def __init__(self, length, dim):
         super().__init__()
+        self.known_full = False  # the device's counter is read only until the queue has filled once
         self.register_buffer("embeddings", torch.zeros(length, dim))
         self.register_buffer("indices", torch.full((length,), -1, dtype=torch.long))
         self.register_buffer("labels", torch.full((length,), -1, dtype=torch.long))
         self.register_buffer("pushed", torch.zeros((), dtype=torch.long))
 
     def is_full(self):
-        """Reads the counter from the device only until the queue has filled once (it stays full)."""
-        self.known_full = getattr(self, "known_full", False) or int(self.pushed) >= len(self.embeddings)
+        self.known_full = self.known_full or int(self.pushed) >= len(self.embeddings)
         return self.known_full
 
     @torch.no_grad()
@@ -181,9 +202,7 @@ class NeighbourQueue(nn.Module):
         self.pushed += len(z)
 
 
-# =====================================================================================================
-# LARS
-# =====================================================================================================
+# ---- LARS
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio; reproduces apex LARC(SGD, trust_coefficient=0.001,
     clip=False) as the authors ran it. For each parameter w with gradient g and non-zero norms:
@@ -249,9 +268,7 @@ def build_optimizer(model, cfg):
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-# =====================================================================================================
-# Schedule: linear warmup, then cosine decay, per iteration
-# =====================================================================================================
+# ---- Schedule: linear warmup, then cosine decay, per iteration
 def lr_at(step, total_steps, warmup_steps, peak_lr, warmup_lr, final_lr):
     """Learning rate at optimizer step `step` (0-based) of `total_steps`, step for step the authors' schedule (DINO's
     cosine_scheduler): warmup_lr to peak_lr over the warmup steps, both ends included, then a cosine from peak_lr
@@ -262,9 +279,7 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, warmup_lr, final_lr):
     return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * progress))
 
 
-# =====================================================================================================
-# One training step
-# =====================================================================================================
+# ---- One training step
 def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue, cfg, dtype, neighbour_swap=True):
     """One optimisation step on this rank's batch; returns (loss, head_logits: list over heads of list over views of
     [B, C], [images whose nearest neighbour has their label, labelled images] or None). `model` may be DDP-wrapped;
@@ -293,9 +308,7 @@ def train_step(model, raw_model, optimizer, scaler, views, labels, index, queue,
     return loss.detach(), head_logits, agree
 
 
-# =====================================================================================================
-# Config: every knob in one place. The command line is generated from these fields.
-# =====================================================================================================
+# ---- Config: every knob in one place; the command line is generated from these fields
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 IMAGENET_MEAN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -354,14 +367,14 @@ class Config:
     workers: int = option(min(8, available_cpus()), "data-loading processes per GPU", type=non_negative_int)
     # multi-crop augmentation (paper: 2 x 224 px at scale (0.4, 1), 6 x 96 px at scale (0.05, 0.4))
     global_size: int = option(32, "side of the two global crops in pixels", type=positive_int)
-    global_scale: tuple = option((0.4, 1.0), "area range of the global crops", nargs=2, type=scale_type)
+    global_scale: list = option((0.4, 1.0), "area range of the global crops", nargs=2, type=scale_type)
     local_crops: int = option(4, "number of local crops (0 = two views only)", type=non_negative_int)
     local_size: int = option(16, "side of the local crops in pixels", type=positive_int)
-    local_scale: tuple = option((0.05, 0.4), "area range of the local crops", nargs=2, type=scale_type)
-    jitter: tuple = option((0.4, 0.4, 0.2, 0.1), "brightness contrast saturation hue", nargs=4, type=non_negative_float)
+    local_scale: list = option((0.05, 0.4), "area range of the local crops", nargs=2, type=scale_type)
+    jitter: list = option((0.4, 0.4, 0.2, 0.1), "brightness contrast saturation hue", nargs=4, type=non_negative_float)
     jitter_prob: float = option(0.8, "probability of the colour jitter", type=probability)
     gray_prob: float = option(0.2, "probability of grayscale", type=probability)
-    blur_prob: tuple = option((0.0, 0.0, 0.0), "blur probability: global 1, 2, local", nargs=3, type=probability)
+    blur_prob: list = option((0.0, 0.0, 0.0), "blur probability: global 1, 2, local", nargs=3, type=probability)
     solarize_prob: float = option(0.2, "solarisation probability of the second global crop", type=probability)
     # model
     arch: str = option("resnet18", "torchvision backbone", choices=("resnet18", "resnet34", "resnet50"))
@@ -432,7 +445,8 @@ def parse_config(argv=None):
         parser.error(f"--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}")
     cfg.stem = resolve_stem(cfg.stem, cfg.global_size)  # stored resolved: a checkpoint says which stem it has
     cfg.data = str(Path(cfg.data).expanduser().resolve())  # a checkpoint names the data it was trained on
-    cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
+    default_out = Path(cfg.data).name if cfg.dataset == "imagefolder" else cfg.dataset  # runs on different data never
+    cfg.out_dir = cfg.out_dir or str(Path("out") / default_out)                          # share a checkpoint
     return cfg
 
 
@@ -441,21 +455,12 @@ def resolve_stem(stem, global_size):
     return stem if stem != "auto" else "cifar" if global_size <= 64 else "imagenet"
 
 
-def default_out_dir(cfg):
-    """out/<dataset>, or out/<folder name> for an image folder: runs on different data never share a checkpoint."""
-    return str(Path("out") / (Path(cfg.data).name if cfg.dataset == "imagefolder" else cfg.dataset))
-
-
 def build_model(cfg, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25)):
     stem = resolve_stem(cfg.stem, cfg.global_size)
     return SelfClassifier(cfg.arch, stem, cfg.hidden_dim, cfg.embed_dim, cfg.num_classes, pixel_mean, pixel_std)
 
 
-# =====================================================================================================
-# Multi-crop augmentation (BYOL/DINO recipe): 2 global crops, then cfg.local_crops local crops.
-# Two implementations of the same recipe: per image with torchvision (DataLoader workers) and per batch on
-# the training device with per-sample random parameters (no CPU bottleneck for in-memory datasets).
-# =====================================================================================================
+# ---- Multi-crop augmentation (BYOL/DINO recipe): per image in DataLoader workers, or per batch on the device
 RATIO = (3 / 4, 4 / 3)  # aspect ratios of RandomResizedCrop
 BLUR_SIGMA = (0.1, 2.0)  # in pixels of the crop, whatever its size: the radius of the authors' PIL GaussianBlur
 
@@ -667,10 +672,7 @@ def multi_crop(images, specs, seed):
 
 
 
-# =====================================================================================================
-# Data. In-memory datasets (CIFAR, STL-10, synthetic, small image folders) are uint8 tensors; large image
-# folders are read from disk by DataLoader workers. Labels are only used for monitoring and evaluation.
-# =====================================================================================================
+# ---- Data: uint8 tensors in memory (CIFAR, STL-10, synthetic, small image folders), or files read by workers
 class ImageArray(torch.utils.data.Dataset):
     """Images held in memory as one uint8 tensor [N, 3, H, W] with integer labels [N] (-1 = unlabelled)."""
 
@@ -873,34 +875,7 @@ class Progress:
                 print(f"{self.what}: {done}/{self.total} {self.unit} ({rate:.0f}/s)", file=sys.stderr, flush=True)
 
 
-# =====================================================================================================
-# Distributed helpers: every collective is a no-op at world size 1, so CPU, one GPU and tests need no launcher.
-# =====================================================================================================
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def all_gather(x, with_grad=False):
-    """All-gather along dim 0; with_grad: differentiable (each rank's gradient flows back to the rank it came from)."""
-    if world_size() == 1:
-        return x
-    if with_grad:
-        import torch.distributed.nn.functional as dist_nn
-        return torch.cat(dist_nn.all_gather(x))
-    out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-def gather_with_grad(x):
-    """The loss's gather in data-parallel training: (the global batch, with gradient; the slice of this rank's rows)."""
-    return all_gather(x, with_grad=True), slice(rank() * len(x), (rank() + 1) * len(x))
-
-
+# ---- Distributed helpers: every collective is a no-op at world size 1, so CPU, one GPU and tests need no launcher.
 def broadcast_from_main(obj):
     """Rank 0's value of a picklable object, on every rank."""
     if world_size() == 1:
@@ -921,45 +896,24 @@ def any_rank(flag, device):
     return bool(flag) if world_size() == 1 else bool(all_reduce_sum(torch.tensor([float(bool(flag))], device=device)))
 
 
-class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the batches of several ranks for CPU (gloo) runs, where nn.SyncBatchNorm is not available:
-    the per-channel sums are all-reduced with gradient over self.process_group (None: all ranks), so forward and
-    backward equal BatchNorm on the concatenation of those ranks' batches."""
-
-    def _check_input_dim(self, x):
-        pass
-
-    def forward(self, x):
-        group = getattr(self, "process_group", None) or dist.group.WORLD
-        if not self.training or world_size() == 1 or dist.get_world_size(group) == 1:
-            return super().forward(x)
-        import torch.distributed.nn.functional as dist_nn
-        dims, shape = [d for d in range(x.dim()) if d != 1], [1, -1] + [1] * (x.dim() - 2)
-        count = x.numel() // x.shape[1] * dist.get_world_size(group)
-        mean = dist_nn.all_reduce(x.sum(dims), group=group) / count
-        var = dist_nn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims), group=group) / count  # biased, as BatchNorm
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * count / (count - 1), self.momentum)
-            self.num_batches_tracked += 1
-        normalised = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
-        return normalised * self.weight.view(shape) + self.bias.view(shape)
+def bn_process_group(group_size):
+    """The process group of this rank's BatchNorm: group_size consecutive ranks (None: all ranks), as apex's
+    create_syncbn_process_group, which the authors used. Collective: every rank calls it."""
+    if group_size in (0, world_size()):
+        return None
+    if world_size() % group_size:
+        raise UserError(f"--bn-group-size {group_size} does not divide the {world_size()} ranks into equal groups")
+    return dist.new_subgroups(group_size)[0]
 
 
 def sync_batchnorm(model, device, group_size=0):
-    """Every BatchNorm normalises over the batches of group_size consecutive ranks (0: all ranks, the global batch),
-    as apex's create_syncbn_process_group, which the authors used: nn.SyncBatchNorm on GPUs, CrossRankBatchNorm on
-    the CPU. Collective: every rank calls it."""
-    group = None
-    if group_size not in (0, world_size()):
-        if world_size() % group_size:
-            raise UserError(f"--bn-group-size {group_size} does not divide the {world_size()} ranks into equal groups")
-        group, _ = dist.new_subgroups(group_size)
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
-    if device.type != "cuda":
-        for module in model.modules():
-            if isinstance(module, nn.SyncBatchNorm):
-                module.__class__ = CrossRankBatchNorm
+    """Every BatchNorm normalises over the batches of its group of ranks (nn.SyncBatchNorm). SyncBatchNorm needs GPUs:
+    processes on the CPU (gloo) normalise their own batch each, said once."""
+    group = bn_process_group(group_size)
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+    if rank() == 0:
+        print(f"{world_size()} processes on the CPU: each BatchNorm normalises its own process's batch")
     return model
 
 
@@ -977,10 +931,7 @@ def setup_distributed(device_choice):
     return torch.device("cpu")
 
 
-# =====================================================================================================
-# Checkpoints: one file, written atomically; state dicts without DDP / torch.compile prefixes. The authors'
-# released checkpoints load as ours.
-# =====================================================================================================
+# ---- Checkpoints: one file, written atomically, read as data; the authors' released checkpoints load as ours
 MODEL_KEYS = ("arch", "stem", "hidden_dim", "embed_dim", "num_classes")
 RUN_KEYS = ("dataset", "data", "batch_size", "world_size", "epochs", "minutes", "warmup_epochs", "lr", "warmup_lr",
             "final_lr", "optimizer", "lars_exclude_1d", "queue_len")  # a run's data, schedule and the layout of its
@@ -1080,9 +1031,7 @@ def model_from_checkpoint(state):
     return model, cfg
 
 
-# =====================================================================================================
-# Evaluation: features and predicted classes of a whole split, no augmentation.
-# =====================================================================================================
+# ---- Evaluation: features and predicted classes of a whole split, no augmentation.
 def eval_batches(dataset, size, batch_size, workers):
     """Yield (float images [B, 3, size, size] in [0, 1], labels [B], dataset indices [B]) over a split in order;
     unreadable files are left out. One resize for images in memory and files: none at size x size (CIFAR's usual
@@ -1133,9 +1082,7 @@ def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what=
             for key, value in out.items()}
 
 
-# =====================================================================================================
-# Monitors: collapse (every log line, from the training batches) and the test split (at epoch ends)
-# =====================================================================================================
+# ---- Monitors: collapse (every log line, from the training batches) and the test split (at epoch ends)
 class CollapseMonitor:
     """Per head, the predicted class counts over the epoch, summed over ranks, of the second global view (views[1]),
     which the nearest-neighbour queue never replaces (views[0]'s logits are its neighbours' once the queue is full);
@@ -1164,46 +1111,16 @@ class CollapseMonitor:
 
 
 def test_split_monitors(run, epoch, heads, knn):
-    """On rank 0, the due monitors on the labelled test split, without augmentation, the backbone in the training
-    precision. heads: NMI / ACC / ARI of the head(s) whose C is the number of true classes (CIFAR-100: its 20
-    superclasses, as eval_clustering.py scores it). knn: is the representation improving? Top-1 of a weighted kNN
-    (k = 20, or all labelled images if fewer) on backbone features, the labelled training images as neighbours.
-    Both need eval_clustering.py next to this file; without it they are skipped, said once."""
-    if not (heads or knn) or not run.is_main or not run.eval_labelled:
+    """On rank 0, the due test-split monitors (heads: NMI / ACC of the head of C = the number of classes; knn: kNN
+    top-1 on backbone features) by the monitor given to train (eval_clustering.monitor_test_split), each logged."""
+    if not (heads or knn) or not run.is_main or not run.eval_labelled or run.monitor is None:
         return
-    try:
-        from eval_clustering import CIFAR100_SUPERCLASS, cluster_metrics, knn_accuracy
-    except ImportError as error:  # e.g. the file is missing, or scipy is
-        if not run.said_no_metrics:
-            run.said_no_metrics = True
-            log(run, dict(event="no_metrics"), f"cannot import eval_clustering: {error}; the test-split monitors "
-                "are skipped")
-        return
-    cfg, model, step = run.cfg, run.raw_model, run.step
-    test = extract(model, run.eval_set, cfg.global_size, cfg.batch_size, cfg.workers, run.device, "test features",
-                   run.dtype)
-    to_true_class = CIFAR100_SUPERCLASS if cfg.dataset == "cifar100" else np.arange(len(run.eval_set.classes))
-    labels = to_true_class[test["labels"].numpy()]
-    for c, predicted in zip(cfg.num_classes, test["predictions"]):
-        if heads and c == len(np.unique(to_true_class)):
-            m = cluster_metrics(labels, predicted.numpy())
-            log(run, dict(event="eval", epoch=epoch, step=step, head=c, **m), f"epoch {epoch} eval head C{c}: "
-                f"NMI {100 * m['nmi']:.1f} ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}")
-    if knn:
-        train = extract(model, run.train_set, cfg.global_size, cfg.batch_size, cfg.workers, run.device,
-                        "kNN training features", run.dtype)
-        labelled = train["labels"] >= 0
-        k = min(20, int(labelled.sum()))
-        train_labels = torch.as_tensor(to_true_class[train["labels"][labelled].numpy()])
-        top1 = knn_accuracy(train["backbone"][labelled], train_labels, test["backbone"], labels, k=k,
-                            device=run.device)["top1"]
-        log(run, dict(event="knn", epoch=epoch, step=step, k=k, top1=top1),
-            f"epoch {epoch} kNN (k={k}, backbone features) top-1 {100 * top1:.1f}")
+    for record, line in run.monitor(run.raw_model, run.train_set, run.eval_set, run.cfg, run.device, run.dtype,
+                                    heads, knn):
+        log(run, dict(record, epoch=epoch, step=run.step), f"epoch {epoch} {line}")
 
 
-# =====================================================================================================
-# Training loop
-# =====================================================================================================
+# ---- Training loop
 BUDGET_MARGIN = 0.03   # --minutes: the share of the budget kept free for the exit and the start-up's variation
 PACE_MARGIN = 0.05     # --minutes: and the share of the remaining training time, for the pace's variation
 MONITOR_SHARE = 0.04   # --minutes: the share of the budget each automatic test-split monitor may take
@@ -1302,7 +1219,7 @@ def start_run(cfg, started):
     torch.manual_seed(cfg.seed + rank())
     run = types.SimpleNamespace(cfg=cfg, device=device, started=started, is_main=rank() == 0, log_file=None,
                                 out_dir=Path(cfg.out_dir), step=0, schedule=None, overhead=0.0, pending_losses=[],
-                                interval_losses=[], said_no_metrics=False, pace_start=None)
+                                interval_losses=[], pace_start=None)
     run.ckpt_path = run.out_dir / "ckpt.pt"
     try:
         run.out_dir.mkdir(parents=True, exist_ok=True)
@@ -1431,9 +1348,12 @@ def timed(run, action, *args):
     return seconds
 
 
-def train(cfg, started=None):
-    """Train (or resume) the run cfg describes; returns the unwrapped model. started: the budget's clock (now)."""
+def train(cfg, started=None, monitor=None):
+    """Train (or resume) the run cfg describes; returns the unwrapped model. started: the budget's clock (now).
+    monitor(model, train_set, eval_set, cfg, device, dtype, heads, knn) -> [(log record, line)]: the test-split
+    monitors (eval_clustering.monitor_test_split); None: the loss and collapse monitors only."""
     run = start_run(cfg, started or time.time())
+    run.monitor = monitor
     config = dataclasses.asdict(cfg)
     log(run, dict(event="config", config=config, world_size=world_size()), f"config: {json.dumps(config)}\n"
         f"{len(run.train_set)} training images, {run.steps_per_epoch} steps per epoch of {run.global_batch} images, "
@@ -1538,8 +1458,8 @@ def plan_budget(run, step_time, warmup_steps):
     last step; either not at all when one pass costs more than that share. Rank 0's plan is every rank's."""
     cfg, spe, budget = run.cfg, run.steps_per_epoch, 60 * run.cfg.minutes
     share = MONITOR_SHARE * budget
-    heads_wanted = run.eval_labelled and cfg.eval_every != 0
-    knn_wanted = run.eval_labelled and cfg.knn_every != 0 and run.labelled_train > 0
+    heads_wanted = bool(run.monitor) and run.eval_labelled and cfg.eval_every != 0
+    knn_wanted = bool(run.monitor) and run.eval_labelled and cfg.knn_every != 0 and run.labelled_train > 0
     costs = dict(checkpoint=timed(run, save),
                  heads=timed(run, test_split_monitors, run.step // spe, heads_wanted or knn_wanted, False))
     costs["knn"] = costs["heads"] * (len(run.train_set) + len(run.eval_set)) / len(run.eval_set) if knn_wanted else 0.0
@@ -1573,8 +1493,15 @@ def plan_budget(run, step_time, warmup_steps):
 def main(argv=None):
     started = time.time()  # the clock of --minutes
     cfg = parse_config(argv)
+    sys.modules.setdefault("selfclassifier", sys.modules[__name__])  # run as a script: one copy of this module
     try:
-        train(cfg, started)
+        from eval_clustering import monitor_test_split
+    except ImportError as error:  # this file copied alone, or scipy missing
+        monitor_test_split = None
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"cannot import eval_clustering: {error}; the test-split monitors are skipped")
+    try:
+        train(cfg, started, monitor_test_split)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1)  # 2: argparse's, for the command line
