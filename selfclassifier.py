@@ -414,10 +414,10 @@ class Config:
     max_steps: int = option(0, "stop after this many steps (0 = the whole schedule)", type=non_negative_int)
     log_every: int = option(50, "steps between log lines (and after 1, 2, 4, ... steps)", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints", type=positive_float)
-    eval_every: int = option(-1, "epochs between heads monitors (-1: every epoch, or as fits a budget; 0: never)",
-                             type=epochs_or_auto)
-    knn_every: int = option(-1, "epochs between kNN monitors (-1: 10 up to 100,000 labelled images, with a budget "
-                            "at the end if it fits; 0: never)", type=epochs_or_auto)
+    eval_every: int = option(-1, "epochs between heads monitors (-1: every epoch; with --minutes: after the last "
+                             "step; 0: never)", type=epochs_or_auto)
+    knn_every: int = option(-1, "epochs between kNN monitors (-1: 10 up to 100,000 labelled training images, else "
+                            "never; with --minutes: after the last step; 0: never)", type=epochs_or_auto)
 
 
 def config_parser():
@@ -668,8 +668,6 @@ def multi_crop(images, specs, seed):
         jitter_order = torch.randperm(4, generator=order_gen).tolist()
         views += crops_of_one_size(images, same_size, gen, jitter_order).chunk(len(same_size))
     return views
-
-
 
 
 # ---- Data: uint8 tensors in memory (CIFAR, STL-10, synthetic, small image folders), or files read by workers
@@ -1123,7 +1121,6 @@ def test_split_monitors(run, epoch, heads, knn):
 # ---- Training loop
 BUDGET_MARGIN = 0.03   # --minutes: the share of the budget kept free for the exit and the start-up's variation
 PACE_MARGIN = 0.05     # --minutes: and the share of the remaining training time, for the pace's variation
-MONITOR_SHARE = 0.04   # --minutes: the share of the budget each automatic test-split monitor may take
 PACE_WARMUP_STEPS = 5  # --minutes: steps not timed (cuDNN autotuning, allocator, first batches) ...
 PACE_STEPS = 10        # ... then the steps timed; the budget is planned after them
 
@@ -1233,7 +1230,7 @@ def start_run(cfg, started):
     if state:
         resume(run, state, path, own)
     if run.schedule is None and not cfg.minutes:
-        run.schedule = dict(total_steps=cfg.epochs * run.steps_per_epoch, **default_cadences(run))
+        run.schedule = dict(total_steps=cfg.epochs * run.steps_per_epoch)
     run.first_step = run.saved_step = run.step
     run.last_save_time = time.time()
     return run
@@ -1300,13 +1297,22 @@ def resume(run, state, path, own):
     log(run, dict(event="resume", step=run.step), f"resumed from {path} at step {run.step}")
 
 
-def default_cadences(run):
-    """Epochs between the test-split monitors without a budget: heads every epoch, kNN every 10 epochs on training
-    splits of at most 100,000 labelled images (a pass over the training split each time)."""
-    cfg = run.cfg
+def budget_monitors(run):
+    """(heads, kNN): the test-split monitors a budgeted run ends with."""
+    cfg, wanted = run.cfg, run.monitor is not None and run.eval_labelled
+    return wanted and cfg.eval_every != 0, wanted and cfg.knn_every != 0 and run.labelled_train > 0
+
+
+def monitors_due(run, epoch):
+    """(heads, kNN) test-split monitors due at the end of this epoch's steps. Without a budget: heads every epoch, kNN
+    every 10 epochs on training splits of at most 100,000 labelled images (-1), or every --eval-every / --knn-every
+    epochs, both after the last step; with --minutes, both after the last step only (0: never)."""
+    cfg, final = run.cfg, run.step == total_steps(run)
+    if cfg.minutes:
+        return tuple(final and due for due in budget_monitors(run))
     knn_default = 10 if 0 < run.labelled_train <= 100_000 else 0
-    return dict(eval_every=1 if cfg.eval_every < 0 else cfg.eval_every,
-                knn_every=knn_default if cfg.knn_every < 0 else cfg.knn_every)
+    every = (1 if cfg.eval_every < 0 else cfg.eval_every, knn_default if cfg.knn_every < 0 else cfg.knn_every)
+    return tuple(bool(e) and ((epoch + 1) % e == 0 or final) for e in every)
 
 
 def total_steps(run):  # before a budget is planned: the provisional --epochs
@@ -1413,10 +1419,7 @@ def train_epoch(run, epoch, interrupted):
             pace(run, steps_run, warmup_steps)
     timed(run, save)
     if run.step % spe == 0 or run.step == total_steps(run):
-        final = run.step == total_steps(run)
-        every = run.schedule or default_cadences(run)
-        due = [bool(e) and ((epoch + 1) % e == 0 or final) for e in (every["eval_every"], every["knn_every"])]
-        timed(run, test_split_monitors, epoch, *due)
+        timed(run, test_split_monitors, epoch, *monitors_due(run, epoch))
 
 
 def log_interval(run, epoch, lr, monitor, interval):
@@ -1447,44 +1450,29 @@ def pace(run, steps_run, warmup_steps):
     if steps_run == PACE_WARMUP_STEPS:
         run.pace_start = (time.time(), run.overhead)
     elif steps_run == PACE_WARMUP_STEPS + PACE_STEPS:
-        timed = time.time() - run.pace_start[0] - (run.overhead - run.pace_start[1])
-        plan_budget(run, timed / PACE_STEPS, warmup_steps)
+        seconds = time.time() - run.pace_start[0] - (run.overhead - run.pace_start[1])
+        plan_budget(run, seconds / PACE_STEPS, warmup_steps)
 
 
 def plan_budget(run, step_time, warmup_steps):
-    """Fix the schedule's length so that the rest of the run (steps, a checkpoint per epoch, the monitors and the
-    final ones) ends inside the budget, from the step time and one timed checkpoint and heads monitor. An automatic
-    heads monitor (-1) runs as often as fits in MONITOR_SHARE of the budget; an automatic kNN monitor only after the
-    last step; either not at all when one pass costs more than that share. Rank 0's plan is every rank's."""
+    """Fix the schedule's length so that the rest of the run (its steps, a checkpoint per epoch, then the final
+    checkpoint and test-split monitors) ends inside the budget, from the step time, one timed checkpoint and one timed
+    heads pass (a kNN pass costs that per image it extracts). Rank 0's plan is every rank's."""
     cfg, spe, budget = run.cfg, run.steps_per_epoch, 60 * run.cfg.minutes
-    share = MONITOR_SHARE * budget
-    heads_wanted = bool(run.monitor) and run.eval_labelled and cfg.eval_every != 0
-    knn_wanted = bool(run.monitor) and run.eval_labelled and cfg.knn_every != 0 and run.labelled_train > 0
+    heads, knn = budget_monitors(run)
     costs = dict(checkpoint=timed(run, save),
-                 heads=timed(run, test_split_monitors, run.step // spe, heads_wanted or knn_wanted, False))
-    costs["knn"] = costs["heads"] * (len(run.train_set) + len(run.eval_set)) / len(run.eval_set) if knn_wanted else 0.0
-    remaining = budget * (1 - BUDGET_MARGIN) - (time.time() - run.started)
-    eval_every, knn_every = max(cfg.eval_every, 0), max(cfg.knn_every, 0)  # given cadences are kept
-    if cfg.eval_every < 0 and heads_wanted and costs["heads"] <= share:
-        epochs_left = max(remaining, 0) / (spe * step_time + costs["checkpoint"])
-        eval_every = max(1, math.ceil(costs["heads"] * epochs_left / share))
-    knn_at_end = cfg.knn_every < 0 and knn_wanted and costs["knn"] <= share
-    per_epoch = spe * step_time + costs["checkpoint"] + sum(
-        costs[what] / every for what, every in (("heads", eval_every), ("knn", knn_every)) if every)
-    final = costs["checkpoint"] + costs["heads"] * bool(eval_every) + costs["knn"] * bool(knn_every or knn_at_end)
-    total = run.step + max(1, int(spe * (remaining - final) / (per_epoch * (1 + PACE_MARGIN))))
-    if knn_at_end:  # every more epochs than the run has: only after the last step
-        knn_every = math.ceil(total / spe) + 1
-    run.schedule = broadcast_from_main(dict(total_steps=total, eval_every=eval_every, knn_every=knn_every))
-    every = run.schedule
+                 heads=timed(run, test_split_monitors, run.step // spe, heads or knn, False))
+    costs["knn"] = costs["heads"] * (len(run.train_set) + len(run.eval_set)) / len(run.eval_set) if knn else 0.0
+    final = costs["checkpoint"] + costs["heads"] * heads + costs["knn"]
+    remaining = budget * (1 - BUDGET_MARGIN) - (time.time() - run.started) - final
+    total = run.step + max(1, int(spe * remaining / ((spe * step_time + costs["checkpoint"]) * (1 + PACE_MARGIN))))
+    run.schedule = broadcast_from_main(dict(total_steps=total))
     record = dict(event="budget", minutes=cfg.minutes, images_per_s=run.global_batch / step_time, epochs=total / spe,
                   seconds_per_step=step_time, costs=costs, planned_at_step=run.step,
-                  elapsed=time.time() - run.started, **every)
-    when = {key: "never" if not e else f"every {e} epoch(s)" if e <= total / spe else "after the last step"
-            for key, e in every.items() if key != "total_steps"}
+                  elapsed=time.time() - run.started, total_steps=total)
     log(run, record, f"budget {cfg.minutes:g} min: {record['images_per_s']:,.0f} img/s measured, {total / spe:.1f} "
-        f"epochs ({total:,} steps); heads monitor {when['eval_every']} ({costs['heads']:.1f} s each), kNN "
-        f"{when['knn_every']} ({costs['knn']:.1f} s each), a checkpoint per epoch ({costs['checkpoint']:.2f} s)")
+        f"epochs ({total:,} steps), a checkpoint per epoch ({costs['checkpoint']:.2f} s), the test-split monitors "
+        f"after the last step ({costs['heads'] * heads + costs['knn']:.1f} s)")
     if total <= warmup_steps:
         warnings.warn(f"the budget allows {total} steps, no more than the {warmup_steps} warmup steps: the cosine "
                       f"never starts; lower --warmup-epochs or raise --minutes")

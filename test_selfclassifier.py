@@ -1085,30 +1085,27 @@ BUDGET = TINY + ["--batch-size", "16", "--local-crops", "0", "--epochs", "28", "
                  "--knn-every", "-1", "--eval-every", "-1"]
 
 
-def budget_run_records(out_dir):
+def budget_run_records(out_dir, *events):
     records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return [r for r in records if r["event"] == "budget"], [r for r in records if r["event"] == "train"]
+    return [[r for r in records if r["event"] == event] for event in ("budget", "train") + events]
 
 
 def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_completed(tmp_path, monkeypatch):
     """--minutes 0.1 (6 s) on the real clock: the schedule's length comes from the measured pace, and the run (steps,
-    checkpoints, the monitors and the final ones) ends inside the budget having used most of it, its last step at the
-    end of the cosine, not of the provisional 28 epochs (3,500 steps). A shared 2-core CPU's pace varies from second
-    to second by more than the default PACE_MARGIN (5 %, for a dedicated GPU) covers on a 6 s budget, hence 20 % here
-    (scripts/budget_probe.py measures it). MONITOR_SHARE 15 % (0.9 s) instead of 4 %, so that the heads monitor (one
-    pass over the test split) runs and the kNN's (both splits, about 5 times as long) does not."""
+    checkpoints, then the final heads and kNN monitors) ends inside the budget having used most of it, its last step
+    at the end of the cosine, not of the provisional 28 epochs (3,500 steps). A shared 2-core CPU's pace varies from
+    second to second by more than the default PACE_MARGIN (5 %, for a dedicated GPU) covers on a 6 s budget, hence
+    20 % here (scripts/budget_probe.py measures it)."""
     monkeypatch.setattr(sc, "PACE_MARGIN", 0.2)
-    monkeypatch.setattr(sc, "MONITOR_SHARE", 0.15)
     started = time.time()
     train(sc.parse_config(BUDGET + ["--minutes", "0.1", "--out-dir", str(tmp_path)]), started)
     elapsed = time.time() - started
-    (budget,), train_lines = budget_run_records(tmp_path)
+    (budget,), train_lines, evals, knns = budget_run_records(tmp_path, "eval", "knn")
     assert 0.6 * 6 < elapsed < 6, elapsed
     total, steps_per_epoch = budget["total_steps"], 2000 // 16  # the synthetic training split in batches of 16
     assert 15 < total < 28 * steps_per_epoch and train_lines[-1]["step"] == total
-    # automatic monitors: off when one pass costs more than MONITOR_SHARE of the budget
-    for key, cost in (("eval_every", "heads"), ("knn_every", "knn")):
-        assert (budget[key] == 0) == (budget["costs"][cost] > 0.15 * 6), (key, budget)
+    # the monitors: once timed at the plan, then after the last step only
+    assert [r["step"] for r in evals] == [15, total] and [r["step"] for r in knns] == [total]
     warmup_steps = round(0.05 * steps_per_epoch)
     assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(total - 1, total, warmup_steps, 0.5, 0.2, 0.002))
     assert train_lines[-1]["lr"] < 0.01  # the cosine's end (final lr 0.002), not the middle of a provisional schedule
@@ -1144,16 +1141,16 @@ class StepClock:
 
 def test_a_budgeted_run_on_a_controlled_clock_uses_its_budget_and_each_monitor_rule(tmp_path, monkeypatch):
     """3 s of a clock on which a step takes 0.1 s, a heads pass 0.1 s and a kNN pass 0.5 s: the plan after step 15
-    fits the steps, a checkpoint per epoch and the heads monitor (within its 4 % share) in the budget, not the kNN
-    monitor (over its share); the run ends at the cosine's end, inside the budget, having used most of it."""
+    fits the steps, a checkpoint per epoch and the final heads and kNN monitors in the budget; those monitors run
+    after the last step only; the run ends at the cosine's end, inside the budget, having used most of it."""
     clock = StepClock(monkeypatch)
     started = clock.now
     train(sc.parse_config(BUDGET + ["--minutes", "0.05", "--out-dir", str(tmp_path)]), started)
-    (budget,), train_lines = budget_run_records(tmp_path)
-    used = clock.now - started
+    (budget,), train_lines, evals, knns = budget_run_records(tmp_path, "eval", "knn")
+    used, total = clock.now - started, budget["total_steps"]
     assert budget["planned_at_step"] == 15 and budget["seconds_per_step"] == pytest.approx(0.1)
     assert budget["costs"]["heads"] == pytest.approx(0.1) and budget["costs"]["knn"] == pytest.approx(0.5)
-    assert budget["eval_every"] == 1 and budget["knn_every"] == 0
+    assert [r["step"] for r in evals] == [15, total] and [r["step"] for r in knns] == [total]
     assert 0.85 * 3 < used <= 3 and train_lines[-1]["step"] == budget["total_steps"], (used, budget)
     total, warmup_steps = budget["total_steps"], round(0.05 * 2000 // 16)
     assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(total - 1, total, warmup_steps, 0.5, 0.2, 0.002))
@@ -2915,6 +2912,18 @@ def test_selfclassifier_runs_alone_and_says_once_which_monitors_it_skips(tmp_pat
     assert run.stdout.count("cannot import eval_clustering: No module named 'eval_clustering'; the test-split "
                             "monitors are skipped") == 1, run.stdout
     assert sc.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
+
+
+def test_running_the_script_loads_one_copy_of_selfclassifier(tmp_path):
+    """`python selfclassifier.py`: eval_clustering.py, imported by main() for the monitors, imports selfclassifier;
+    that must be the running script itself, not a second copy of the module with its own globals."""
+    flags = TINY + ["--max-steps", "1", "--workers", "0", "--out-dir", str(tmp_path / "run")]
+    program = (f"import runpy, sys; sys.argv = ['selfclassifier.py'] + {flags!r}; "
+               f"runpy.run_path({str(HERE / 'selfclassifier.py')!r}, "
+               "run_name='__main__'); import eval_clustering; print('copies', eval_clustering.sc.__name__)")
+    run = subprocess.run([sys.executable, "-c", program], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "copies __main__", run.stdout
 
 
 def test_selfclassifier_opens_with_the_method_and_every_line_is_short():

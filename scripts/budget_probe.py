@@ -12,7 +12,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import selfclassifier as sc  # noqa: E402
-from test_selfclassifier import BUDGET, budget_run_records  # noqa: E402
+from test_selfclassifier import BUDGET, budget_run_records, train  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--pace-margin", type=float, default=sc.PACE_MARGIN)
@@ -24,8 +24,8 @@ ends = []
 for run in range(args.runs):
     with tempfile.TemporaryDirectory() as out_dir:
         started = time.time()
-        sc.train(sc.parse_config(BUDGET + extra + ["--minutes", str(args.minutes), "--out-dir", out_dir,
-                                                   "--log-every", "1000"]), started)
+        train(sc.parse_config(BUDGET + extra + ["--minutes", str(args.minutes), "--out-dir", out_dir,
+                                                "--log-every", "1000"]), started)
         ends.append(time.time() - started)
         (plan,), _ = budget_run_records(pathlib.Path(out_dir))
     print(f"run {run}: planned at step {plan['planned_at_step']} after {plan['elapsed']:.2f} s, "
