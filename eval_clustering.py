@@ -16,14 +16,21 @@ This file builds on selfclassifier.py (the model, the data, extract); its metric
 selfclassifier.py's main() borrows monitor_test_split for the training's test-split monitors.
 """
 import argparse
+import csv
+import html
 import json
 import math
+import os
+import re
+import shutil
 import sys
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from scipy.optimize import linear_sum_assignment
 from scipy.special import gammaln
 
@@ -651,14 +658,14 @@ def read_class_map(path, class_names):
 # Command line
 # =====================================================================================================
 def command_line():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sc.CommandLine(description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--checkpoint", help="a checkpoint of selfclassifier.py, or one of the authors' released checkpoints")
     add("--arch", choices=("resnet18", "resnet34", "resnet50"), help="without --checkpoint: baselines on this backbone")
     add("--weights", help="with --arch: backbone state dict (random initialisation when omitted)")
     add("--init-seed", type=int, default=0, help="with --arch and no --weights: seed of the random initialisation")
-    add("--stem", choices=("cifar", "imagenet"), help="with --arch: stem (default: cifar for images up to 64 px)")
+    add("--stem", choices=("cifar", "imagenet"), help="with --arch: the stem (default: cifar for images up to 64 px, "
+        "else imagenet)")
     add("--image-size", type=sc.positive_int, help="evaluation image side (default: the checkpoint's global crop size, "
         "or 32 / 96 / 224)")
     add("--dataset", choices=sc.DATASETS, help="default: the checkpoint's dataset")
@@ -678,16 +685,22 @@ def command_line():
     add("--knn-temperature", type=sc.positive_float, default=KNN_TEMPERATURE, help="T of the kNN vote, weights "
         "exp(cosine / T) (the authors' 0.1; DINO and solo-learn: 0.07)")
     add("--linear-probe", action=argparse.BooleanOptionalAction, default=True, help="linear probe on backbone features")
-    add("--batch-size", type=sc.positive_int, default=512)
-    add("--workers", type=sc.non_negative_int, default=min(8, sc.available_cpus()))
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--batch-size", type=sc.positive_int, default=512, help="images per forward pass")
+    add("--workers", type=sc.non_negative_int, default=min(8, sc.available_cpus()), help="image-decoding processes")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (cpu, cuda, cuda:1)")
     add("--precision", choices=("fp32", "bf16"), default="fp32", help="the backbone's: fp32 as the authors' "
         "evaluation, or bf16 autocast (faster on a GPU); projection and heads always in float32")
     add("--json", help="also write the numbers to this JSON file")
-    add("--grid-dir", help="a PNG of random images of each predicted class (with --predict: of every head)")
+    add("--grid-dir", help="what each class holds: per head a sheet DIR/C<C>.png of every class's surest members (the "
+        "scored head; with --predict every head, and DIR/index.html to browse)")
+    add("--grid-per-class", type=sc.positive_int, default=32, help="with --predict: members per class in index.html")
     add("--predict", metavar="DIR", help="instead of scoring: classify every image under DIR (any depth, no labels) "
         "with --checkpoint's heads into --out")
     add("--out", default="predictions.csv", help="with --predict: the CSV (path, then per head class and probability)")
+    add("--sort-into", metavar="DIR", help="with --predict: a new folder of one sub-folder per class of --sort-head, "
+        "holding links to its images")
+    add("--sort-head", type=sc.positive_int, help="with --sort-into: the head of this C (default: the first)")
+    add("--copy", action="store_true", help="with --sort-into: copies instead of symbolic links")
     return p
 
 
@@ -710,8 +723,13 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}, but no CUDA device is visible")
+    if (args.sort_into or args.sort_head or args.copy) and not args.predict:
+        p.error("--sort-into, --sort-head and --copy sort the images of --predict: they need --predict")
     if args.grid_dir and not args.checkpoint:
         p.error("--grid-dir shows the classes of a checkpoint's head: it needs --checkpoint")
+    if args.sort_into and Path(args.sort_into).exists() and (not Path(args.sort_into).is_dir()
+                                                             or any(Path(args.sort_into).iterdir())):
+        p.error(f"--sort-into {args.sort_into} exists and is not an empty folder: give a new one")
     if args.json and not Path(args.json).parent.is_dir():  # found out now, not after a long evaluation
         p.error(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     return args
@@ -786,38 +804,149 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def save_class_grids(grid_dir, dataset, size, indices, predictions, names=None, per_class=16, seed=0):
-    """One PNG per predicted class: up to per_class random images of it (dataset rows `indices`, as the evaluation
-    sees them), named by its rank by size (rank000 = the largest), its id, its size and, if given, names[id]."""
-    import torchvision
+# =====================================================================================================
+# What each class holds: a sheet per head, a page to browse, a folder per class
+# =====================================================================================================
+# what this program writes into --grid-dir, now and in earlier versions: the rest of a folder is the user's
+OUR_GRID_FILE = re.compile(r"C\d+(-\d+)?\.png|index\.html|rank\d+_class-?\d+_n\d+.*\.png")
+CLASSES_PER_SHEET, TILES_PER_ROW, CAPTION, PAD = 50, 8, 16, 4
+
+
+def claim_grid_dir(grid_dir):
+    """Ready grid_dir for new output: new, empty, or holding only what this program wrote there, which is removed so
+    that old and new classes never mix. A folder with anything else is refused (UserError), before any work."""
     grid_dir = Path(grid_dir)
+    if grid_dir.exists() and not grid_dir.is_dir():
+        raise sc.UserError(f"--grid-dir {grid_dir} is a file, not a folder")
+    ours = lambda e: e.is_file() and OUR_GRID_FILE.fullmatch(e.name) if not (e.is_dir() and not e.is_symlink()) else (
+        re.fullmatch(r"C\d+", e.name) and all(ours(f) for f in e.iterdir()))
+    entries = list(grid_dir.iterdir()) if grid_dir.exists() else []
+    foreign = [e.name for e in entries if not ours(e)]
+    if foreign:
+        raise sc.UserError(f"--grid-dir {grid_dir} holds files this program did not write ({foreign[0]}, ...): give "
+                           "a new or empty folder, or one that holds only its earlier sheets")
+    for entry in entries:
+        for file in (entry.iterdir() if entry.is_dir() else [entry]):
+            file.unlink()
+        if entry.is_dir():
+            entry.rmdir()
     grid_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(predictions, return_counts=True)
-    for rank, k in enumerate(np.argsort(-counts, kind="stable")):
-        members = indices[predictions == classes[k]]
-        chosen = np.sort(rng.choice(members, size=min(per_class, len(members)), replace=False))
-        subset = (sc.ImageArray(dataset.images[chosen], dataset.labels[chosen], dataset.classes)
-                  if isinstance(dataset, sc.ImageArray) else torch.utils.data.Subset(dataset, chosen))
-        images = torch.cat([batch[0] for batch in sc.eval_batches(subset, size, per_class, 0)])
-        name = f"-{names[classes[k]]}" if names and classes[k] in names else ""
-        path = grid_dir / f"rank{rank:03d}_class{classes[k]}_n{counts[k]}{name}.png"
-        torchvision.utils.save_image(images, path, nrow=4, padding=1)
+
+
+def tile_image(dataset, index):
+    """Image `index` of a dataset as uint8 [3, h, w], at its own size (files: decoded again)."""
+    if isinstance(dataset, sc.ImageArray):
+        return dataset.images[index].cpu()
+    return torchvision.transforms.v2.functional.pil_to_tensor(sc.read_image(dataset.samples[index][0]))
+
+
+def draw_sheet(rows, tile):
+    """rows: [(caption, [uint8 images [3, h, w]])] -> an RGB PIL image: per row a caption strip, then up to
+    TILES_PER_ROW tiles of tile x tile px, each image fitted into its tile (sharp nearest-neighbour when enlarged by
+    a whole factor, antialiased otherwise)."""
+    from PIL import Image, ImageDraw, ImageFont
+    width, band = TILES_PER_ROW * (tile + PAD) + PAD, CAPTION + tile + PAD
+    sheet = Image.new("RGB", (width, len(rows) * band), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for r, (caption, images) in enumerate(rows):
+        y = r * band
+        draw.text((PAD, y + 3), caption, fill=(20, 20, 20), font=font)
+        for c, image in enumerate(images[:TILES_PER_ROW]):
+            x, (h, w) = PAD + c * (tile + PAD), image.shape[-2:]
+            scale = tile / max(h, w)
+            nearest = scale >= 1 and scale == int(scale)
+            mode = getattr(torchvision.transforms.v2.InterpolationMode, "NEAREST" if nearest else "BILINEAR")
+            image = torchvision.transforms.v2.functional.resize(
+                image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=mode, antialias=True)
+            draw.rectangle([x, y + CAPTION, x + tile - 1, y + CAPTION + tile - 1], fill=(224, 224, 224))
+            thumb = Image.fromarray(image.permute(1, 2, 0).numpy())
+            sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + CAPTION + (tile - thumb.height) // 2))
+    return sheet
+
+
+def class_members(predicted, probability):
+    """[(class, its rows sorted by probability, surest first)], largest class first (ties: lower class first)."""
+    classes, counts = np.unique(predicted, return_counts=True)
+    return [(int(classes[k]), (lambda rows: rows[np.argsort(-probability[rows], kind="stable")])(
+        np.flatnonzero(predicted == classes[k]))) for k in np.argsort(-counts, kind="stable")]
+
+
+def write_sheets(grid_dir, name, dataset, indices, predicted, probability, class_names=None):
+    """grid_dir/<name>.png: one row per class of a head, largest first, captioned with its class number, size, share
+    and mean probability, showing the members the head is surest of, tiles of at least 64 px; heads of more than
+    CLASSES_PER_SHEET classes continue in <name>-2.png, <name>-3.png, ... Returns the files written."""
+    members = class_members(predicted, probability)
+    tile = 64 if max(tile_image(dataset, indices[members[0][1][0]]).shape[-2:]) <= 64 else 128
+    rows = [(f"class {k}: {len(rows):,} images ({100 * len(rows) / len(predicted):.1f} %), mean probability "
+             f"{probability[rows].mean():.2f}" + (f", {class_names[k]}" if class_names and k in class_names else ""),
+             [tile_image(dataset, indices[i]) for i in rows[:TILES_PER_ROW]]) for k, rows in members]
+    files = []
+    for page, start in enumerate(range(0, len(rows), CLASSES_PER_SHEET), 1):
+        files.append(Path(grid_dir) / (f"{name}.png" if page == 1 else f"{name}-{page}.png"))
+        draw_sheet(rows[start:start + CLASSES_PER_SHEET], tile).save(files[-1])
+    return files
+
+
+def write_index_html(path, heads):
+    """A static page (no script) to browse the classes. heads: [(name, sheet files, [(class, size, share, mean
+    probability, [(image file, probability)])])]; images and sheets are linked by relative, URL-quoted paths."""
+    folder = Path(path).parent
+    link = lambda file: html.escape(urllib.parse.quote(Path(os.path.relpath(file, folder)).as_posix()))
+    out = ['<!DOCTYPE html><html><head><meta charset="utf-8"><title>What each class holds</title><style>',
+           "body{font-family:sans-serif;margin:1em 2em} h3{font-size:1em;margin:1em 0 .3em} img{background:#e0e0e0;"
+           "object-fit:contain;margin:1px}</style></head><body><h1>What each class holds</h1><p>Per head, every class "
+           "(largest first) and its members, surest first; hover for the file and its probability, click to open it."
+           "</p><p>" + " ".join(f'<a href="#{name}">{name}</a>' for name, _, _ in heads) + "</p>"]
+    for name, sheets, classes in heads:
+        out.append(f'<h2 id="{name}">{name}</h2><p>' + " ".join(f'<a href="{link(f)}">{Path(f).name}</a>'
+                                                              for f in sheets) + "</p>")
+        for k, size, share, mean_p, members in classes:
+            out.append(f"<h3>class {k}: {size:,} images ({100 * share:.1f} %), mean probability {mean_p:.2f}</h3><p>")
+            out += [f'<a href="{link(f)}"><img src="{link(f)}" width="64" height="64" loading="lazy" alt="" '
+                    f'title="{html.escape(Path(f).name)}, p {p:.2f}"></a>' for f, p in members]
+            out.append("</p>")
+    Path(path).write_text("\n".join(out + ["</body></html>\n"]), encoding="utf-8")
+
+
+def sort_into(target, root, paths, predicted, copy=False):
+    """target/class<k>/: a symbolic link to (or with copy, a copy of) every image predicted as class k, named as the
+    file (as its path under root, '/' -> '__', where two share a name). Returns the number of folders."""
+    width, written = len(str(int(predicted.max()))), set()
+    for path, k in zip(paths, predicted.tolist()):
+        folder = Path(target) / f"class{k:0{width}d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / Path(path).name
+        if file in written:
+            file = folder / "__".join(Path(path).relative_to(root).parts)
+        written.add(file)
+        shutil.copy2(path, file) if copy else file.symlink_to(Path(path).resolve())
+    return len(np.unique(predicted))
 
 
 def predict(args):
     """--predict DIR: the predicted class (and its probability, the row softmax at the checkpoint's row_tau) of every
-    readable image under DIR, for every head, as a CSV sorted by path; the class sizes per head; optional grids."""
-    import csv
+    readable image under DIR, for every head, as a CSV sorted by path, the unreadable files in skipped.txt beside it;
+    the class sizes per head; optionally a sheet per head and index.html (--grid-dir), a folder per class
+    (--sort-into)."""
     model, cfg = load_model_and_config(args)
     root, size = Path(args.predict), args.image_size or cfg.global_size
+    if args.sort_head and args.sort_head not in cfg.num_classes:
+        raise sc.UserError(f"--sort-head {args.sort_head}: the checkpoint's heads have {cfg.num_classes} classes")
+    if args.grid_dir:
+        claim_grid_dir(args.grid_dir)
     images = sc.load_image_folder(root, cfg.in_memory_max_size, args.workers, labelled=False)
     dtype = sc.autocast_dtype(args.precision, torch.device(args.device))  # fp32: None, bf16: autocast
     out = sc.extract(model.to(args.device), images, size, args.batch_size, args.workers, args.device, "predictions",
                      dtype, cfg.row_tau)
     files = images.paths if isinstance(images, sc.ImageArray) else [path for path, _ in images.samples]
     paths = [files[i] for i in out["index"].tolist()]
-    sc.warn_skipped(root, len(images), len(paths))
+    skipped = images.skipped or sorted(set(files) - set(paths))
+    written = [f"{args.out} ({len(paths):,} images)"]
+    if skipped:
+        sc.say_skipped(root, skipped, len(paths) + len(skipped))
+        skipped_file = Path(args.out).parent / "skipped.txt"
+        skipped_file.write_text("".join(f"{path}\n" for path in skipped))
+        written.append(f"{skipped_file} ({len(skipped):,} unreadable)")
     heads = range(len(cfg.num_classes))
     with open(args.out, "w", newline="") as f:
         writer = csv.writer(f)
@@ -825,13 +954,26 @@ def predict(args):
         for row, path in enumerate(paths):
             writer.writerow([Path(path).relative_to(root)] + [value for head in heads for value in (
                 int(out["predictions"][head][row]), f"{float(out['probabilities'][head][row]):.4f}")])
-    print(f"wrote {args.out}: {len(paths)} images of {root}, {len(cfg.num_classes)} head(s)")
-    for c, predicted in zip(cfg.num_classes, out["predictions"]):
-        sizes = np.bincount(predicted.numpy(), minlength=c)
+    pages = []
+    for c, predicted, probability in zip(cfg.num_classes, out["predictions"], out["probabilities"]):
+        predicted, probability = predicted.numpy(), probability.numpy()
+        sizes = np.bincount(predicted, minlength=c)
         print(f"head C={c}: {int((sizes > 0).sum())} of {c} classes used; sizes, largest first: "
               + " ".join(f"{k}:{sizes[k]}" for k in np.argsort(-sizes, kind="stable") if sizes[k]))
         if args.grid_dir:
-            save_class_grids(Path(args.grid_dir) / f"C{c}", images, size, out["index"].numpy(), predicted.numpy())
+            sheets = write_sheets(args.grid_dir, f"C{c}", images, out["index"].numpy(), predicted, probability)
+            written += [str(sheet) for sheet in sheets]
+            pages.append((f"C{c}", sheets, [(k, len(rows), len(rows) / len(paths), float(probability[rows].mean()),
+                                             [(paths[i], float(probability[i])) for i in rows[:args.grid_per_class]])
+                                            for k, rows in class_members(predicted, probability)]))
+    if args.grid_dir:
+        write_index_html(Path(args.grid_dir) / "index.html", pages)
+        written.append(str(Path(args.grid_dir) / "index.html"))
+    if args.sort_into:
+        head = cfg.num_classes.index(args.sort_head) if args.sort_head else 0
+        folders = sort_into(args.sort_into, root, paths, out["predictions"][head].numpy(), args.copy)
+        written.append(f"{args.sort_into}/ ({folders} class folders of head C{cfg.num_classes[head]})")
+    print("wrote " + ", ".join(written))
     return out, paths
 
 
@@ -877,6 +1019,8 @@ def evaluate(args):
     """Every head's clustering scores on the evaluation split, the k-means baselines, kNN and linear probe."""
     model, cfg = load_model_and_config(args)
     model, size = model.to(args.device), args.image_size or cfg.global_size
+    if args.grid_dir:
+        claim_grid_dir(args.grid_dir)
     eval_set = sc.load_split(cfg, train=False)
     if eval_set is None:
         raise sc.UserError(f"{cfg.data} has no evaluation split (test/ or val/ of class folders) to score; --predict "
@@ -915,8 +1059,10 @@ def evaluate(args):
         _, matched = hungarian_accuracy(contingency_matrix(labels, predicted))  # position of cluster -> of class
         clusters, classes = np.unique(predicted), np.unique(labels)
         name = lambda label: class_names[label] if label < len(class_names) else str(label)
-        names = {clusters[p]: f"matched-{name(classes[c])}" for p, c in matched.items()}
-        save_class_grids(args.grid_dir, eval_set, size, ev["index"].numpy(), predicted, names)
+        names = {int(clusters[p]): f"matched to {name(classes[c])}" for p, c in matched.items()}
+        sheets = write_sheets(args.grid_dir, f"C{cfg.num_classes[head]}", eval_set, ev["index"].numpy(), predicted,
+                              ev["probabilities"][head].numpy(), names)
+        print("wrote " + ", ".join(map(str, sheets)))
     return rows
 
 

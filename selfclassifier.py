@@ -18,11 +18,13 @@ machinery: config | augmentation | data | distributed helpers | checkpoints | ev
 """
 import argparse
 import dataclasses
+import difflib
 import itertools
 import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -410,7 +412,8 @@ class Config:
     seed: int = option(0, "random seed (each rank adds its rank)", type=int)
     device: str = option("auto", "auto = cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
     out_dir: str = option("", "ckpt.pt (resumed if of this run) and log.jsonl; default: out/<dataset or folder>")
-    resume: str = option("", "start from this checkpoint (ours, or the authors': model only) if OUT_DIR has none")
+    resume: str = option("", "a new run from this checkpoint's weights (ours or the authors'), unless OUT_DIR "
+                         "holds this run's")
     max_steps: int = option(0, "stop after this many steps (0 = the whole schedule)", type=non_negative_int)
     log_every: int = option(50, "steps between log lines (and after 1, 2, 4, ... steps)", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints", type=positive_float)
@@ -420,9 +423,34 @@ class Config:
                             "never; with --minutes: after the last step; 0: never)", type=epochs_or_auto)
 
 
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Help texts with their default, once: not when the text names one already, nor for no default."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, "", argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandLine(argparse.ArgumentParser):
+    """argparse that answers a bad command line in one line: no abbreviations (--num-class is not --num-classes),
+    the closest flag to an unknown one, and where the options are listed."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=DefaultsOnce, **kwargs)
+
+    def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flag = unknown[1].split("=")[0]
+            flags = [option for action in self._actions for option in action.option_strings]
+            close = sorted(f for f in flags if f.startswith(flag)) or difflib.get_close_matches(flag, flags, n=1)
+            message = f"unknown option {flag}" + (f"; did you mean {' or '.join(close[:3])}?" if close else "")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def config_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = CommandLine(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         kwargs = dict(f.metadata)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -526,8 +554,8 @@ class PerImageViews(torch.utils.data.Dataset):
         index, epoch_seed = key
         seed = derive_seed(epoch_seed, index)
         image, label = self.dataset[index]
-        while image is None:  # unreadable file: warn and use the next image instead of crashing mid-epoch
-            warnings.warn(f"skipping unreadable image {self.dataset.samples[index][0]}")
+        while image is None:  # unreadable file: say so and use the next image instead of crashing mid-epoch
+            print(f"skipped unreadable image {self.dataset.samples[index][0]}", file=sys.stderr, flush=True)
             index = (index + 1) % len(self.dataset)
             image, label = self.dataset[index]
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG; leave it as it was
@@ -778,9 +806,13 @@ def collate_readable(batch):
     return [torch.stack(images)] + [torch.tensor(column) for column in rest]
 
 
-def warn_skipped(root, total, kept):
-    if kept < total:
-        warnings.warn(f"{root}: skipped {total - kept} unreadable image(s) of {total}")
+def say_skipped(root, skipped, total):
+    """One line on stderr naming the unreadable files skipped (the first few of them); returns it."""
+    names = ", ".join(str(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    line = f"{root}: skipped {len(skipped)} unreadable image(s) of {total}: {names}"
+    if skipped and rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def image_sizes(folder, samples=256):
@@ -799,7 +831,8 @@ def image_sizes(folder, samples=256):
 def load_image_folder(root, in_memory_max_size, workers, labelled=True):
     """torchvision's ImageFolder (labelled: root/<class>/*) or ImageFiles (any depth, unlabelled); decoded once into
     an ImageArray when its images are small (CIFAR-sized), all at the size most of them have: images of another size
-    are resized (shorter side) and centre-cropped to it, and unreadable files skipped, each counted in one warning."""
+    are resized (shorter side) and centre-cropped to it (said in one line), unreadable files left out (listed in its
+    .skipped; for files read later, an empty list)."""
     if not Path(root).is_dir():
         raise UserError(f"cannot read image folder {root}: it does not exist")
     try:
@@ -815,6 +848,7 @@ def load_image_folder(root, in_memory_max_size, workers, labelled=True):
     if not sizes:
         raise UserError(f"no readable image in {root}")
     if max(max(size) for size in sizes) > in_memory_max_size:
+        folder.skipped = []
         return folder
     width, height = max(set(sizes), key=sizes.count)  # the size most images have
     loader = torch.utils.data.DataLoader(Indexed(folder, (height, width), min(height, width)), batch_size=256,
@@ -826,11 +860,13 @@ def load_image_folder(root, in_memory_max_size, workers, labelled=True):
     if not batches:
         raise UserError(f"no readable image in {root}")
     images, labels, indices, resized = (torch.cat(column) for column in zip(*batches))
-    warn_skipped(root, len(folder), len(images))
-    if resized.any():
-        warnings.warn(f"{root}: {int(resized.sum())} image(s) not of the most common size {width}x{height} were "
-                      "resized (shorter side) and centre-cropped to it")
-    return ImageArray(images, labels, folder.classes, [folder.samples[i][0] for i in indices.tolist()])
+    if resized.any() and rank() == 0:
+        print(f"{root}: {int(resized.sum())} image(s) not of the most common size {width}x{height} were resized "
+              "(shorter side) and centre-cropped to it", file=sys.stderr, flush=True)
+    kept = set(indices.tolist())
+    array = ImageArray(images, labels, folder.classes, [folder.samples[i][0] for i in indices.tolist()])
+    array.skipped = [path for i, (path, _) in enumerate(folder.samples) if i not in kept]
+    return array
 
 
 def load_split(cfg, train):
@@ -1049,6 +1085,22 @@ def eval_batches(dataset, size, batch_size, workers):
             yield batch[0].float() / 255, batch[1], batch[2]
 
 
+def load_images(files, size):
+    """Image files (a list of paths, or a folder: every image under it, sorted) as the model's input: float
+    [N, 3, size, size] in [0, 1], resized as the evaluation resizes. An unreadable file is a UserError."""
+    if isinstance(files, (str, Path)) and Path(files).is_dir():
+        files = [path for path, _ in ImageFiles(files, loader=read_image).samples]
+    images = []
+    for path in files:
+        image = read_image(path)
+        if image is None:
+            raise UserError(f"cannot read image {path}")
+        images.append(fit(v2.functional.pil_to_tensor(image), (size, size), round(size / 0.875)))
+    if not images:
+        raise UserError(f"no image files in {files}")
+    return torch.stack(images).float() / 255
+
+
 @torch.no_grad()
 def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features", dtype=None, row_tau=0.1):
     """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], per head (lists of [N])
@@ -1203,8 +1255,10 @@ def build_training(cfg, device, train_set):
 
 
 def log(run, record, line):
+    """A record in OUT_DIR/log.jsonl and, unless line is None, a line on the screen (rank 0)."""
     if run.is_main:
-        print(line, flush=True)
+        if line is not None:
+            print(line, flush=True)
         run.log_file.write(json.dumps(record) + "\n")
         run.log_file.flush()
 
@@ -1244,6 +1298,10 @@ def load_data(run):
                         "(the authors' queue holds 64 of their batches)")
     run.train_set, run.eval_set = load_split(cfg, train=True), load_split(cfg, train=False)
     run.specs = view_specs(cfg)
+    for split in (run.train_set, run.eval_set):
+        if getattr(split, "skipped", None):  # every path in the log, the first few on the screen
+            log(run, dict(event="skipped", paths=split.skipped), None)
+            say_skipped(cfg.data, split.skipped, len(split) + len(split.skipped))
     if use_batch_aug(cfg, run.train_set):  # the whole uint8 dataset lives on the device: no loader, no copies
         run.train_set.images = run.train_set.images.to(run.device)
         run.train_set.labels = run.train_set.labels.to(run.device)
@@ -1251,8 +1309,9 @@ def load_data(run):
     if run.steps_per_epoch == 0:
         raise UserError(f"{len(run.train_set)} training images are fewer than one global batch of {run.global_batch}")
     if run.global_batch < min(cfg.num_classes):  # over-clustering heads may exceed it: the paper's 8000 with 4096
-        warnings.warn(f"global batch {run.global_batch} < smallest head C={min(cfg.num_classes)}: the uniform prior "
-                      f"asks every class to be used by N/C samples of a batch, which needs many samples per class")
+        log(run, dict(event="small_batch"), f"note: global batch {run.global_batch} < smallest head C="
+            f"{min(cfg.num_classes)}: the uniform prior asks every class to be used by N/C samples of a batch, which "
+            "needs many samples per class")
     run.eval_labelled = run.eval_set is not None and all(label >= 0 for label in run.eval_set.targets)
     run.labelled_train = sum(label >= 0 for label in getattr(run.train_set, "targets", []))
     if not run.eval_labelled and (cfg.eval_every or cfg.knn_every):
@@ -1372,6 +1431,10 @@ def train(cfg, started=None, monitor=None):
     try:
         while run.step < last_step(run):
             train_epoch(run, run.step // run.steps_per_epoch, interrupted)
+        ckpt = shlex.quote(str(run.ckpt_path))
+        after = "" if run.eval_labelled else f" --predict {shlex.quote(cfg.data)} --grid-dir grids"
+        log(run, dict(event="done", step=run.step, checkpoint=str(run.ckpt_path)), f"done: {run.ckpt_path} (step "
+            f"{run.step}); next: python eval_clustering.py --checkpoint {ckpt}{after}")
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(run.specs)} views; "
                         f"try a smaller --batch-size (or fewer --local-crops)") from None
@@ -1474,8 +1537,8 @@ def plan_budget(run, step_time, warmup_steps):
         f"epochs ({total:,} steps), a checkpoint per epoch ({costs['checkpoint']:.2f} s), the test-split monitors "
         f"after the last step ({costs['heads'] * heads + costs['knn']:.1f} s)")
     if total <= warmup_steps:
-        warnings.warn(f"the budget allows {total} steps, no more than the {warmup_steps} warmup steps: the cosine "
-                      f"never starts; lower --warmup-epochs or raise --minutes")
+        log(run, dict(event="short_budget"), f"note: the budget allows {total} steps, no more than the {warmup_steps} "
+            "warmup steps: the cosine never starts; lower --warmup-epochs or raise --minutes")
 
 
 def main(argv=None):

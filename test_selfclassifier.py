@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import runpy
 import shlex
 import signal
@@ -121,15 +122,20 @@ def write_folder(root, classes=("a", "b"), per_class=3, size=8, broken=0):
             (root / split / classes[0] / f"broken{i}.jpg").write_bytes(b"not an image")
 
 
-def test_small_imagefolder_is_decoded_into_memory_and_skips_unreadable_files(tmp_path):
-    write_folder(tmp_path, broken=2)
+def test_small_imagefolder_is_decoded_into_memory_and_skips_unreadable_files(tmp_path, capsys):
+    """Unreadable files are left out and named: all in .skipped, the first few in one line (never a raw warning)."""
+    write_folder(tmp_path, broken=4)
     cfg = sc.parse_config(["--dataset", "imagefolder", "--data", str(tmp_path), "--workers", "0"])
-    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         train = sc.load_split(cfg, train=True)
     assert isinstance(train, sc.ImageArray) and train.images.shape == (6, 3, 8, 8)
     assert train.classes == ["a", "b"] and train.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    with pytest.warns(UserWarning):
-        assert len(sc.load_split(cfg, train=False)) == 6  # falls back to val/ when there is no test/
+    assert train.skipped == [str(tmp_path / "train" / "a" / f"broken{i}.jpg") for i in range(4)]
+    line = sc.say_skipped(tmp_path, train.skipped, 10)
+    assert capsys.readouterr().err == line + "\n" and "skipped 4 unreadable image(s) of 10: " in line
+    assert line.endswith("broken2.jpg, ...") and "broken3" not in line
+    assert len(sc.load_split(cfg, train=False)) == 6  # falls back to val/ when there is no test/
 
 
 def test_imagefolder_of_thousands_of_small_images_decodes_with_workers(tmp_path):
@@ -144,12 +150,9 @@ def test_imagefolder_of_thousands_of_small_images_decodes_with_workers(tmp_path)
         torch.set_num_threads(1)  # forked: one thread, as DataLoader's forked workers
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            train = sc.load_split(sc.parse_config(["--dataset", "imagefolder", "--data", str(tmp_path), "--workers",
-                                                   "2"]), train=True)
-        torch.save(dict(images=train.images, labels=train.labels, warnings=[str(w.message) for w in caught]),
-                   tmp_path / "decoded.pt")
+        train = sc.load_split(sc.parse_config(["--dataset", "imagefolder", "--data", str(tmp_path), "--workers",
+                                               "2"]), train=True)
+        torch.save(dict(images=train.images, labels=train.labels, skipped=train.skipped), tmp_path / "decoded.pt")
 
     loader = multiprocessing.get_context("fork").Process(target=load_with_few_files)
     loader.start()
@@ -157,7 +160,7 @@ def test_imagefolder_of_thousands_of_small_images_decodes_with_workers(tmp_path)
     loader.kill()
     assert loader.exitcode == 0, f"the loader exited with {loader.exitcode} (None: a hang)"
     train = torch.load(tmp_path / "decoded.pt")
-    assert [w for w in train["warnings"] if "skipped 1 unreadable" in w], train["warnings"]
+    assert train["skipped"] == [str(tmp_path / "train" / "a" / "broken0.jpg")]
     assert train["images"].shape == (2100, 3, 4, 4) and torch.bincount(train["labels"]).tolist() == [700] * 3
     from PIL import Image
     position = 700 + sorted(os.listdir(tmp_path / "train" / "b")).index("7.png")  # ImageFolder sorts file names
@@ -165,7 +168,7 @@ def test_imagefolder_of_thousands_of_small_images_decodes_with_workers(tmp_path)
     assert torch.equal(train["images"][position], expected)
 
 
-def test_large_imagefolder_is_read_per_image_and_survives_unreadable_files(tmp_path):
+def test_large_imagefolder_is_read_per_image_and_survives_unreadable_files(tmp_path, capsys):
     write_folder(tmp_path, size=40, broken=1)
     cfg = sc.parse_config(["--dataset", "imagefolder", "--data", str(tmp_path), "--in-memory-max-size", "32",
                            "--global-size", "16", "--local-crops", "2", "--local-size", "8"])
@@ -173,8 +176,8 @@ def test_large_imagefolder_is_read_per_image_and_survives_unreadable_files(tmp_p
     assert not isinstance(folder, sc.ImageArray)
     views_dataset = sc.PerImageViews(folder, sc.view_specs(cfg))
     broken = next(i for i, (p, _) in enumerate(folder.samples) if "broken" in p)
-    with pytest.warns(UserWarning, match="unreadable"):
-        views, label, index = views_dataset[(broken, 0)]
+    views, label, index = views_dataset[(broken, 0)]
+    assert capsys.readouterr().err == f"skipped unreadable image {folder.samples[broken][0]}\n"
     assert [v.shape for v in views] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2 and index != broken
 
 
@@ -1009,17 +1012,15 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
 
 
-def test_small_batch_warns_why(tmp_path):
+def test_small_batch_warns_why(tmp_path, capsys):
     """A batch smaller than the smallest head cannot give every class its N/C samples; over-clustering heads larger
     than the batch are the paper's own setting (8000 classes, batch 4096) and pass silently."""
-    with pytest.warns(UserWarning, match="uniform prior"):
-        train(tiny(tmp_path / "a", "--batch-size", "8", "--num-classes", "10", "20", "--max-steps", "1",
-                      "--queue-len", "0"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train(tiny(tmp_path / "b", "--batch-size", "16", "--num-classes", "10", "20", "--max-steps", "1",
-                      "--queue-len", "0"))
-    assert not [w for w in caught if "uniform prior" in str(w.message)]
+    train(tiny(tmp_path / "a", "--batch-size", "8", "--num-classes", "10", "20", "--max-steps", "1",
+               "--queue-len", "0"))
+    assert capsys.readouterr().out.count("the uniform prior") == 1
+    train(tiny(tmp_path / "b", "--batch-size", "16", "--num-classes", "10", "20", "--max-steps", "1",
+               "--queue-len", "0"))
+    assert "uniform prior" not in capsys.readouterr().out
 
 
 def test_log_lines_come_early_then_every_log_every_steps(tmp_path, short_epochs):
@@ -2476,7 +2477,9 @@ def test_eval_command_line_scores_a_checkpoint_end_to_end(trained, tmp_path, cap
     assert saved["linear probe (backbone)"]["top1"] >= 0.99  # random weights too (0.99 to 1.0): it runs, no more
     c20 = saved["head C=20"]
     assert c20["acc"] <= c20["acc_hungarian_majority"] <= c20["acc_majority"]
-    assert 7 <= len(list(grid_dir.glob("*.png"))) <= 10  # one per matched class the 10-class head predicts
+    from PIL import Image
+    assert [p.name for p in grid_dir.iterdir()] == ["C10.png"]  # the sheet of the scored head, a row per class
+    assert Image.open(grid_dir / "C10.png").height in [rows * (ec.CAPTION + 64 + ec.PAD) for rows in range(7, 11)]
     assert told_sizes == [10, 20] + [10] * 4  # the heads, then k-means on two features with two seeds
 
 
@@ -2712,26 +2715,35 @@ def test_an_unlabelled_folder_trains_and_every_image_gets_a_class(tmp_path, nest
     """Training on a folder of images without labels or split (the label monitors skipped in one line), then
     --predict: one CSV row per readable image in path order, classes in range, probabilities in (0, 1], the classes
     of extract on the same images, grids largest class first; the unreadable file skipped and counted, the image of
-    another size resized into the in-memory array, not dropped."""
+    another size resized into the in-memory array, not dropped; both said in one line each, the skipped file named
+    (in the training log and in skipped.txt beside the CSV); training's last line names the next command."""
     write_unlabelled(tmp_path / "photos", nested)
+    broken = str(tmp_path / "photos" / "broken.jpg")
 
-    @contextlib.contextmanager
-    def warns_of_the_two_odd_files():  # every reader of the folder must say what it skipped and what it resized
-        with pytest.warns(UserWarning) as caught:
-            yield
-        messages = [str(w.message) for w in caught]
-        assert any("skipped 1 unreadable image(s) of 302" in m for m in messages)
-        assert any("1 image(s) not of the most common size 32x32 were resized" in m for m in messages)
+    def said_the_two_odd_files(err):  # every reader of the folder must say what it skipped and what it resized
+        assert f"skipped 1 unreadable image(s) of 302: {broken}\n" in err, err
+        assert "1 image(s) not of the most common size 32x32 were resized" in err, err
 
-    with warns_of_the_two_odd_files():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # expected conditions are lines, not Python warnings
         train(sc.parse_config(TINY + ["--dataset", "imagefolder", "--data", str(tmp_path / "photos"),
-                                         "--max-steps", "3", "--out-dir", str(tmp_path / "run")]))
-    assert "no labelled evaluation split" in capsys.readouterr().out
-    with warns_of_the_two_odd_files():
-        ec.main(["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--predict", str(tmp_path / "photos"),
-                 "--out", str(tmp_path / "predictions.csv"), "--grid-dir", str(tmp_path / "grids"), "--workers", "0"])
-    printed = capsys.readouterr().out
-    assert "wrote" in printed and "head C=10:" in printed and "head C=12:" in printed
+                                      "--max-steps", "3", "--out-dir", str(tmp_path / "run")]))
+    out, err = capsys.readouterr()
+    said_the_two_odd_files(err)
+    assert "no labelled evaluation split" in out and {"event": "skipped", "paths": [broken]} in [
+        json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert out.splitlines()[-1] == (f"done: {tmp_path / 'run' / 'ckpt.pt'} (step 3); next: python eval_clustering.py "
+                                    f"--checkpoint {tmp_path / 'run' / 'ckpt.pt'} --predict {tmp_path / 'photos'} "
+                                    "--grid-dir grids")
+    ec.main(["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--predict", str(tmp_path / "photos"),
+             "--out", str(tmp_path / "predictions.csv"), "--grid-dir", str(tmp_path / "grids"), "--workers", "0"])
+    printed, err = capsys.readouterr()
+    said_the_two_odd_files(err)
+    assert (tmp_path / "skipped.txt").read_text() == broken + "\n"
+    assert "head C=10:" in printed and "head C=12:" in printed
+    assert printed.splitlines()[-1] == (f"wrote {tmp_path / 'predictions.csv'} (301 images), {tmp_path / 'skipped.txt'}"
+                                        f" (1 unreadable), {tmp_path / 'grids' / 'C10.png'}, "
+                                        f"{tmp_path / 'grids' / 'C12.png'}, {tmp_path / 'grids' / 'index.html'}")
     rows = (tmp_path / "predictions.csv").read_text().splitlines()
     assert rows[0] == "path,class_C10,probability_C10,class_C12,probability_C12" and len(rows) == 1 + 301
     paths = [row.split(",")[0] for row in rows[1:]]
@@ -2742,17 +2754,158 @@ def test_an_unlabelled_folder_trains_and_every_image_gets_a_class(tmp_path, nest
     assert (classes >= 0).all() and (classes[:, 0] < 10).all() and (classes[:, 1] < 12).all()
     assert ((probabilities > 0) & (probabilities <= 1)).all() and (probabilities >= 1 / 12 - 1e-4).all()
     model, cfg = sc.model_from_checkpoint(sc.load_checkpoint(tmp_path / "run" / "ckpt.pt"))
-    with warns_of_the_two_odd_files():
-        images = sc.load_image_folder(tmp_path / "photos", cfg.in_memory_max_size, 0, labelled=False)
+    images = sc.load_image_folder(tmp_path / "photos", cfg.in_memory_max_size, 0, labelled=False)
+    assert images.skipped == [broken]
     out = sc.extract(model, images, cfg.global_size, row_tau=cfg.row_tau)
     assert np.array_equal(classes[:, 0], out["predictions"][0].numpy())
     assert np.array_equal(classes[:, 1], out["predictions"][1].numpy())
     np.testing.assert_allclose(probabilities, torch.stack(out["probabilities"], 1).numpy(), atol=5e-5)  # 4 decimals
+    page = (tmp_path / "grids" / "index.html").read_text()
     for c, head in ((10, 0), (12, 1)):
-        grids = sorted(os.listdir(tmp_path / "grids" / f"C{c}"))
-        sizes = [int(name.rsplit("_n", 1)[1].removesuffix(".png")) for name in grids]
-        assert len(grids) == len(np.unique(classes[:, head]))
+        section = page.split(f'<h2 id="C{c}">')[1].split("<h2")[0]
+        sizes = [int(size) for size in re.findall(r"<h3>class \d+: (\d+) images", section)]
+        assert len(sizes) == len(np.unique(classes[:, head]))
         assert sizes == sorted(sizes, reverse=True) and sum(sizes) == 301
+
+
+ODD_NAMES = ("a photo #1.png", "b&c.png", "it's.png", "é.png")  # names a link must survive
+
+
+def write_photos(root, n):
+    """n synthetic 32 px textures as PNG files (four of them under names that need quoting in a link); their
+    pixels by file, to find the images in a sheet."""
+    from PIL import Image
+    images = torch.cat([sc.make_synthetic(True).images, sc.make_synthetic(False).images] * 2)[:n]
+    names = [f"{i:04d}.png" for i in range(n - len(ODD_NAMES))] + list(ODD_NAMES)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, image in zip(names, images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / name)
+    return dict(zip(names, images))
+
+
+class Links(__import__("html.parser").parser.HTMLParser):
+    """Every src and href of a page."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.links = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for name, value in attrs if name in ("src", "href") and not value.startswith("#")]
+
+
+def test_predict_shows_each_class_in_a_sheet_and_a_page_and_never_mixes_old_output(trained, tmp_path, capsys):
+    """3,000 unlabelled 32 px images: --grid-dir holds one sheet per head (a captioned row per used class, largest
+    first, tiles of 64 px showing the class's surest members, enlarged 2x) and index.html, whose every thumbnail and
+    link opens an existing file (odd names included). Predicting again replaces that output whole (an older version's
+    grids included); a folder holding anything else is refused in one line, untouched."""
+    from PIL import Image
+    import urllib.parse
+    pixels = write_photos(tmp_path / "photos", 3000)
+    grids, csv_path = tmp_path / "grids", tmp_path / "predictions.csv"
+    (grids / "C10").mkdir(parents=True)
+    (grids / "C10" / "rank000_class0_n740.png").write_bytes(b"an older version's grid")
+    predict = ["--checkpoint", str(trained / "ckpt.pt"), "--out", str(csv_path), "--grid-dir", str(grids),
+               "--workers", "0"]
+    ec.main(predict + ["--predict", str(tmp_path / "photos")])
+    assert sorted(p.name for p in grids.iterdir()) == ["C10.png", "C20.png", "index.html"]
+    rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]
+    page = (grids / "index.html").read_text()
+    for head, c in enumerate((10, 20)):
+        predicted = np.array([int(row[1 + 2 * head]) for row in rows])
+        used = np.unique(predicted)
+        sheet = Image.open(grids / f"C{c}.png")
+        assert sheet.size == (ec.TILES_PER_ROW * (64 + ec.PAD) + ec.PAD, len(used) * (ec.CAPTION + 64 + ec.PAD))
+        largest = np.bincount(predicted).argmax()
+        members = [row[0] for row in rows if int(row[1 + 2 * head]) == largest]
+        surest = max(float(row[2 + 2 * head]) for row in rows if int(row[1 + 2 * head]) == largest)
+        tile = torch.from_numpy(np.array(sheet)[ec.CAPTION:ec.CAPTION + 64, ec.PAD:ec.PAD + 64]).permute(2, 0, 1)
+        shown = [name for name in members if torch.equal(tile, pixels[name].repeat_interleave(2, 1)
+                                                         .repeat_interleave(2, 2))]
+        assert shown and [float(row[2 + 2 * head]) for row in rows if row[0] == shown[0]] == [surest]
+        section = page.split(f'<h2 id="C{c}">')[1].split("<h2")[0]
+        assert section.count("<h3>") == len(used) and max(map(len, section.split("<h3>"))) > 0
+        assert all(part.count("<img") <= 32 for part in section.split("<h3>"))  # --grid-per-class
+    links = Links(page).links
+    assert len(links) > 2 * 10 * 2 and all((grids / urllib.parse.unquote(link)).is_file() for link in links)
+    assert {urllib.parse.unquote(link).rsplit("/", 1)[-1] for link in links} >= {"C10.png", "C20.png"}
+    write_photos(tmp_path / "few", 60)
+    ec.main(predict + ["--predict", str(tmp_path / "few"), "--grid-per-class", "60"])  # every image on the page
+    assert sorted(p.name for p in grids.iterdir()) == ["C10.png", "C20.png", "index.html"]
+    page = (grids / "index.html").read_text()
+    assert "photos/" not in page  # nothing of the first folder is left
+    files = [urllib.parse.unquote(link) for link in Links(page).links if "few/" in link]  # a link, a thumbnail, 2 heads
+    assert sorted(files) == sorted(f"../few/{name}" for name in write_photos(tmp_path / "few", 60) for _ in range(4))
+    capsys.readouterr()
+    (grids / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        ec.main(predict + ["--predict", str(tmp_path / "few")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and error.count("\n") == 1 and "holds files this program did not write" in error
+    assert (grids / "notes.txt").read_text() == "mine" and (grids / "C10.png").is_file()
+
+
+def test_sort_into_makes_one_link_per_image_in_its_class_folder(trained, tmp_path, capsys):
+    write_photos(tmp_path / "photos", 120)
+    common = ["--checkpoint", str(trained / "ckpt.pt"), "--predict", str(tmp_path / "photos"), "--workers", "0",
+              "--out", str(tmp_path / "p.csv")]
+    ec.main(common + ["--sort-into", str(tmp_path / "sorted"), "--sort-head", "20"])
+    rows = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    width = len(str(max(int(row[3]) for row in rows)))
+    expected = sorted(f"class{int(row[3]):0{width}d}/{row[0]}" for row in rows)  # the 20-class head
+    made = sorted(str(p.relative_to(tmp_path / "sorted")) for p in (tmp_path / "sorted").rglob("*") if not p.is_dir())
+    assert made == expected
+    for row in rows:
+        link = tmp_path / "sorted" / f"class{int(row[3]):0{width}d}" / row[0]
+        assert link.is_symlink() and link.resolve() == (tmp_path / "photos" / row[0]).resolve()
+    assert "(" in capsys.readouterr().out.splitlines()[-1]
+    with pytest.raises(SystemExit) as exit_info:  # not over what it wrote before
+        ec.main(common + ["--sort-into", str(tmp_path / "sorted")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not an empty folder" in error and error.count("\n") == 1
+    ec.main(common + ["--sort-into", str(tmp_path / "copies"), "--copy"])
+    copies = [p for p in (tmp_path / "copies").rglob("*.png")]
+    assert len(copies) == 120 and not any(p.is_symlink() for p in copies)
+
+
+@pytest.mark.parametrize("parse", [sc.parse_config, lambda argv: ec.parse_args(["--checkpoint", "c.pt"] + argv)])
+@pytest.mark.parametrize("argv, message", [
+    (["--workrs", "2"], "error: unknown option --workrs; did you mean --workers? (see "),
+    (["--work", "8"], "error: unknown option --work; did you mean --workers? (see "),  # no abbreviations
+    (["--workers"], "error: argument --workers: expected one argument (see "),
+])
+def test_a_bad_command_line_is_one_line_with_the_closest_flag(parse, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith(message) and error.count("\n") == 1, error
+    assert error.rstrip().endswith("--help)")
+
+
+@pytest.mark.parametrize("parser", [sc.config_parser, ec.command_line])
+def test_every_option_has_help_and_shows_its_default_once(parser):
+    text = parser().format_help()
+    options = re.split(r"\n  (?=-)", text.split("options:")[1])[1:]
+    assert len(options) > 20
+    for option in options:
+        flag, _, help_text = option.partition(" ")
+        assert help_text.strip() and help_text.count("default") <= 1, option
+    assert "(default: None)" not in text and "(default: )" not in text
+
+
+def test_the_readme_python_snippet_runs_as_written(trained, tmp_path):
+    """The README's "From Python" block, run as it stands in a folder holding out/photos/ckpt.pt and photos/."""
+    readme = (HERE / "README.md").read_text()
+    snippet = readme.split("From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "out" / "photos").mkdir(parents=True)
+    (tmp_path / "out" / "photos" / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
+    write_photos(tmp_path / "photos", 12)
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("tensor([") and run.stdout.count("tensor(") == 2, run.stdout
 
 
 @pytest.mark.parametrize("make, message", [(lambda root: None, "does not exist"),
