@@ -818,8 +818,12 @@ def claim_grid_dir(grid_dir):
     grid_dir = Path(grid_dir)
     if grid_dir.exists() and not grid_dir.is_dir():
         raise sc.UserError(f"--grid-dir {grid_dir} is a file, not a folder")
-    ours = lambda e: e.is_file() and OUR_GRID_FILE.fullmatch(e.name) if not (e.is_dir() and not e.is_symlink()) else (
-        re.fullmatch(r"C\d+", e.name) and all(ours(f) for f in e.iterdir()))
+
+    def ours(entry):  # one of its files, or a folder C<C>/ of an earlier version's files
+        if entry.is_dir() and not entry.is_symlink():
+            return re.fullmatch(r"C\d+", entry.name) and all(ours(file) for file in entry.iterdir())
+        return entry.is_file() and OUR_GRID_FILE.fullmatch(entry.name)
+
     entries = list(grid_dir.iterdir()) if grid_dir.exists() else []
     foreign = [e.name for e in entries if not ours(e)]
     if foreign:
@@ -867,8 +871,11 @@ def draw_sheet(rows, tile):
 def class_members(predicted, probability):
     """[(class, its rows sorted by probability, surest first)], largest class first (ties: lower class first)."""
     classes, counts = np.unique(predicted, return_counts=True)
-    return [(int(classes[k]), (lambda rows: rows[np.argsort(-probability[rows], kind="stable")])(
-        np.flatnonzero(predicted == classes[k]))) for k in np.argsort(-counts, kind="stable")]
+    out = []
+    for k in classes[np.argsort(-counts, kind="stable")]:
+        rows = np.flatnonzero(predicted == k)
+        out.append((int(k), rows[np.argsort(-probability[rows], kind="stable")]))
+    return out
 
 
 def write_sheets(grid_dir, name, dataset, indices, predicted, probability, class_names=None):
@@ -877,9 +884,9 @@ def write_sheets(grid_dir, name, dataset, indices, predicted, probability, class
     CLASSES_PER_SHEET classes continue in <name>-2.png, <name>-3.png, ... Returns the files written."""
     members = class_members(predicted, probability)
     tile = 64 if max(tile_image(dataset, indices[members[0][1][0]]).shape[-2:]) <= 64 else 128
-    rows = [(f"class {k}: {len(rows):,} images ({100 * len(rows) / len(predicted):.1f} %), mean probability "
-             f"{probability[rows].mean():.2f}" + (f", {class_names[k]}" if class_names and k in class_names else ""),
-             [tile_image(dataset, indices[i]) for i in rows[:TILES_PER_ROW]]) for k, rows in members]
+    rows = [(f"class {k}: {len(of_k):,} images ({100 * len(of_k) / len(predicted):.1f} %), mean probability "
+             f"{probability[of_k].mean():.2f}" + (f", {class_names[k]}" if class_names and k in class_names else ""),
+             [tile_image(dataset, indices[i]) for i in of_k[:TILES_PER_ROW]]) for k, of_k in members]
     files = []
     for page, start in enumerate(range(0, len(rows), CLASSES_PER_SHEET), 1):
         files.append(Path(grid_dir) / (f"{name}.png" if page == 1 else f"{name}-{page}.png"))
@@ -963,9 +970,10 @@ def predict(args):
         if args.grid_dir:
             sheets = write_sheets(args.grid_dir, f"C{c}", images, out["index"].numpy(), predicted, probability)
             written += [str(sheet) for sheet in sheets]
-            pages.append((f"C{c}", sheets, [(k, len(rows), len(rows) / len(paths), float(probability[rows].mean()),
-                                             [(paths[i], float(probability[i])) for i in rows[:args.grid_per_class]])
-                                            for k, rows in class_members(predicted, probability)]))
+            classes = [(k, len(of_k), len(of_k) / len(paths), float(probability[of_k].mean()),
+                        [(paths[i], float(probability[i])) for i in of_k[:args.grid_per_class]])
+                       for k, of_k in class_members(predicted, probability)]
+            pages.append((f"C{c}", sheets, classes))
     if args.grid_dir:
         write_index_html(Path(args.grid_dir) / "index.html", pages)
         written.append(str(Path(args.grid_dir) / "index.html"))

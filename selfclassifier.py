@@ -863,9 +863,10 @@ def load_image_folder(root, in_memory_max_size, workers, labelled=True):
     if resized.any() and rank() == 0:
         print(f"{root}: {int(resized.sum())} image(s) not of the most common size {width}x{height} were resized "
               "(shorter side) and centre-cropped to it", file=sys.stderr, flush=True)
-    kept = set(indices.tolist())
-    array = ImageArray(images, labels, folder.classes, [folder.samples[i][0] for i in indices.tolist()])
-    array.skipped = [path for i, (path, _) in enumerate(folder.samples) if i not in kept]
+    kept = indices.tolist()
+    array = ImageArray(images, labels, folder.classes, [folder.samples[i][0] for i in kept])
+    readable = set(kept)
+    array.skipped = [path for i, (path, _) in enumerate(folder.samples) if i not in readable]
     return array
 
 
@@ -1065,7 +1066,7 @@ def model_from_checkpoint(state):
     return model, cfg
 
 
-# ---- Evaluation: features and predicted classes of a whole split, no augmentation.
+# ---- Evaluation: features and predicted classes of a whole split, no augmentation
 def eval_batches(dataset, size, batch_size, workers):
     """Yield (float images [B, 3, size, size] in [0, 1], labels [B], dataset indices [B]) over a split in order;
     unreadable files are left out. One resize for images in memory and files: none at size x size (CIFAR's usual
