@@ -819,9 +819,9 @@ def claim_grid_dir(grid_dir):
     if grid_dir.exists() and not grid_dir.is_dir():
         raise sc.UserError(f"--grid-dir {grid_dir} is a file, not a folder")
 
-    def ours(entry):  # one of its files, or a folder C<C>/ of an earlier version's files
-        if entry.is_dir() and not entry.is_symlink():
-            return re.fullmatch(r"C\d+", entry.name) and all(ours(file) for file in entry.iterdir())
+    def ours(entry, folders_too=True):  # one of its files, or a folder C<C>/ of an earlier version's files
+        if folders_too and entry.is_dir() and not entry.is_symlink():
+            return re.fullmatch(r"C\d+", entry.name) and all(ours(file, False) for file in entry.iterdir())
         return entry.is_file() and OUR_GRID_FILE.fullmatch(entry.name)
 
     entries = list(grid_dir.iterdir()) if grid_dir.exists() else []
@@ -870,21 +870,18 @@ def draw_sheet(rows, tile):
 
 def class_members(predicted, probability):
     """[(class, its rows sorted by probability, surest first)], largest class first (ties: lower class first)."""
-    classes, counts = np.unique(predicted, return_counts=True)
-    out = []
-    for k in classes[np.argsort(-counts, kind="stable")]:
-        rows = np.flatnonzero(predicted == k)
-        out.append((int(k), rows[np.argsort(-probability[rows], kind="stable")]))
-    return out
+    order = np.lexsort((-probability, predicted))  # one sort: by class, then surest first (ties: lower row first)
+    classes, starts, counts = np.unique(predicted[order], return_index=True, return_counts=True)
+    return [(int(classes[k]), order[starts[k]:starts[k] + counts[k]]) for k in np.argsort(-counts, kind="stable")]
 
 
-def write_sheets(grid_dir, name, dataset, indices, predicted, probability, class_names=None):
-    """grid_dir/<name>.png: one row per class of a head, largest first, captioned with its class number, size, share
-    and mean probability, showing the members the head is surest of, tiles of at least 64 px; heads of more than
-    CLASSES_PER_SHEET classes continue in <name>-2.png, <name>-3.png, ... Returns the files written."""
-    members = class_members(predicted, probability)
+def write_sheets(grid_dir, name, dataset, indices, members, probability, class_names=None):
+    """grid_dir/<name>.png: one row per class of a head (members: from class_members), largest first, captioned with
+    its class number, size, share and mean probability, showing the members the head is surest of, tiles of at least
+    64 px; heads of more than CLASSES_PER_SHEET classes continue in <name>-2.png, <name>-3.png, ... Returns the files
+    written."""
     tile = 64 if max(tile_image(dataset, indices[members[0][1][0]]).shape[-2:]) <= 64 else 128
-    rows = [(f"class {k}: {len(of_k):,} images ({100 * len(of_k) / len(predicted):.1f} %), mean probability "
+    rows = [(f"class {k}: {len(of_k):,} images ({100 * len(of_k) / len(probability):.1f} %), mean probability "
              f"{probability[of_k].mean():.2f}" + (f", {class_names[k]}" if class_names and k in class_names else ""),
              [tile_image(dataset, indices[i]) for i in of_k[:TILES_PER_ROW]]) for k, of_k in members]
     files = []
@@ -968,11 +965,11 @@ def predict(args):
         print(f"head C={c}: {int((sizes > 0).sum())} of {c} classes used; sizes, largest first: "
               + " ".join(f"{k}:{sizes[k]}" for k in np.argsort(-sizes, kind="stable") if sizes[k]))
         if args.grid_dir:
-            sheets = write_sheets(args.grid_dir, f"C{c}", images, out["index"].numpy(), predicted, probability)
+            members = class_members(predicted, probability)
+            sheets = write_sheets(args.grid_dir, f"C{c}", images, out["index"].numpy(), members, probability)
             written += [str(sheet) for sheet in sheets]
             classes = [(k, len(of_k), len(of_k) / len(paths), float(probability[of_k].mean()),
-                        [(paths[i], float(probability[i])) for i in of_k[:args.grid_per_class]])
-                       for k, of_k in class_members(predicted, probability)]
+                        [(paths[i], float(probability[i])) for i in of_k[:args.grid_per_class]]) for k, of_k in members]
             pages.append((f"C{c}", sheets, classes))
     if args.grid_dir:
         write_index_html(Path(args.grid_dir) / "index.html", pages)
@@ -1068,8 +1065,9 @@ def evaluate(args):
         clusters, classes = np.unique(predicted), np.unique(labels)
         name = lambda label: class_names[label] if label < len(class_names) else str(label)
         names = {int(clusters[p]): f"matched to {name(classes[c])}" for p, c in matched.items()}
-        sheets = write_sheets(args.grid_dir, f"C{cfg.num_classes[head]}", eval_set, ev["index"].numpy(), predicted,
-                              ev["probabilities"][head].numpy(), names)
+        probability = ev["probabilities"][head].numpy()
+        sheets = write_sheets(args.grid_dir, f"C{cfg.num_classes[head]}", eval_set, ev["index"].numpy(),
+                              class_members(predicted, probability), probability, names)
         print("wrote " + ", ".join(map(str, sheets)))
     return rows
 

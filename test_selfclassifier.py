@@ -2851,6 +2851,12 @@ def test_predict_shows_each_class_in_a_sheet_and_a_page_and_never_mixes_old_outp
     error = capsys.readouterr().err
     assert exit_info.value.code == 1 and error.count("\n") == 1 and "holds files this program did not write" in error
     assert (grids / "notes.txt").read_text() == "mine" and (grids / "C10.png").is_file()
+    (grids / "notes.txt").unlink()
+    (grids / "C10" / "C5").mkdir(parents=True)  # a folder in a folder: not what any version wrote
+    (grids / "C10" / "C5" / "C5.png").write_bytes(b"")
+    with pytest.raises(sc.UserError, match="did not write"):
+        ec.claim_grid_dir(grids)
+    assert (grids / "C10" / "C5" / "C5.png").is_file() and (grids / "C10.png").is_file()
 
 
 def test_sort_into_makes_one_link_per_image_in_its_class_folder(trained, tmp_path, capsys):
