@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from torchvision.transforms import v2
 from scipy.optimize import linear_sum_assignment
 from scipy.special import gammaln
 
@@ -46,9 +47,7 @@ CIFAR100_SUPERCLASS = np.array([
     16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13])
 
 
-# =====================================================================================================
-# Metrics
-# =====================================================================================================
+# ---- Metrics
 def check_labels(y_true, y_pred):
     """Validate two labelings; return them as int64 arrays or raise ValueError with a one-line reason."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
@@ -218,9 +217,7 @@ def cluster_metrics(y_true, y_pred, num_clusters=None):
     return scores
 
 
-# =====================================================================================================
-# k-means in torch: greedy k-means++ init, restarts, chunked distances, empty clusters re-seeded.
-# =====================================================================================================
+# ---- k-means in torch: greedy k-means++ init, restarts, chunked distances, empty clusters re-seeded
 def input_device(x):
     """Where a function runs by default: on its input's device (the CPU for a numpy array), never CUDA unasked."""
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
@@ -345,9 +342,7 @@ def kmeans_baseline(train_features, eval_features, eval_labels, k, seeds, l2_nor
     return runs
 
 
-# =====================================================================================================
-# Probes on frozen features: weighted kNN and a linear (logistic-regression) probe
-# =====================================================================================================
+# ---- Probes on frozen features: weighted kNN and a linear (logistic-regression) probe
 def check_probe_inputs(train_features, train_labels, test_features, test_labels):
     """Validate the two labelled splits of a probe; return (train_x, train_y, test_x, test_y) as tensors (features
     keep their dtype and device, labels become int64 on the CPU) or raise ValueError with a one-line reason."""
@@ -588,16 +583,81 @@ def fit_logistic(features, labels, weight_decay, start, curvature, max_iter):
     return v @ basis.T, b
 
 
-# =====================================================================================================
-# Training's test-split monitors (handed to selfclassifier.train by its main)
-# =====================================================================================================
+# ---- Features and predicted classes of a whole split, no augmentation (also the Python API)
+def eval_batches(dataset, size, batch_size, workers):
+    """Yield (float images [B, 3, size, size] in [0, 1], labels [B], dataset indices [B]) over a split in order;
+    unreadable files are left out. One resize for images in memory and files: none at size x size (CIFAR's usual
+    protocol), else the authors' ImageNet evaluation (Resize(256) + CenterCrop(224)): the shorter side to
+    size / 0.875, then the centre size x size."""
+    shape, shorter_side = (size, size), round(size / 0.875)
+    if isinstance(dataset, sc.ImageArray):
+        for start in range(0, len(dataset), batch_size):
+            images = sc.fit(dataset.images[start:start + batch_size], shape, shorter_side)
+            indices = torch.arange(start, start + len(images))
+            yield images.float() / 255, dataset.labels[indices.to(dataset.labels.device)], indices
+        return
+    loader = torch.utils.data.DataLoader(sc.Indexed(dataset, shape, shorter_side), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=sc.collate_readable)
+    for batch in loader:
+        if batch is not None:
+            yield batch[0].float() / 255, batch[1], batch[2]
+
+
+def load_images(files, size):
+    """Image files (a list of paths, or a folder: every image under it, sorted) as the model's input: float
+    [N, 3, size, size] in [0, 1], resized as the evaluation resizes. An unreadable file is a UserError."""
+    if isinstance(files, (str, Path)) and Path(files).is_dir():
+        files = [path for path, _ in sc.ImageFiles(files, loader=sc.read_image).samples]
+    images = []
+    for path in files:
+        image = sc.read_image(path)
+        if image is None:
+            raise sc.UserError(f"cannot read image {path}")
+        images.append(sc.fit(v2.functional.pil_to_tensor(image), (size, size), round(size / 0.875)))
+    if not images:
+        raise sc.UserError(f"no image files in {files}")
+    return torch.stack(images).float() / 255
+
+
+@torch.no_grad()
+def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features", dtype=None, row_tau=0.1):
+    """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], per head (lists of [N])
+    the predicted class and its probability (the row softmax at row_tau, as in the loss), labels [N] and the dataset
+    index of each row [N] (unreadable files have none), all on the CPU. The backbone runs in float32 as the authors'
+    evaluation, or under autocast to dtype (torch.bfloat16: faster on a GPU, slightly different features)."""
+    was_training = model.training
+    model.eval()
+    heads = range(len(model.heads))
+    out = dict(backbone=[], embedding=[], predictions=[[] for _ in heads], probabilities=[[] for _ in heads],
+               labels=[], index=[])
+    amp = torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    progress = sc.Progress(f"extracting {what}", len(dataset), "images")
+    for images, labels, indices in eval_batches(dataset, size, batch_size, workers):
+        with amp:
+            features = model.features(images.to(device, non_blocking=True))
+        z = model.embed(features)
+        out["backbone"].append(features.float().cpu())
+        out["embedding"].append(z.cpu())
+        for head, logits in enumerate(model.classify(z)):
+            probability, predicted = F.softmax(logits / row_tau, dim=1).max(1)
+            out["predictions"][head].append(predicted.cpu())
+            out["probabilities"][head].append(probability.cpu())
+        out["labels"].append(torch.as_tensor(labels).cpu())
+        out["index"].append(indices)
+        progress(int(indices[-1]) + 1)
+    model.train(was_training)
+    return {key: [torch.cat(p) for p in value] if key in ("predictions", "probabilities") else torch.cat(value)
+            for key, value in out.items()}
+
+
+# ---- Training's test-split monitors (handed to selfclassifier.train by its main)
 def monitor_test_split(model, train_set, eval_set, cfg, device, dtype, heads=True, knn=True):
     """On the labelled test split, without augmentation, the backbone in the training precision: heads, NMI / ACC /
     ARI of the head(s) whose C is the number of true classes (CIFAR-100: its 20 superclasses, as the evaluation
     scores it); knn, the top-1 of a weighted kNN (k = 20, or all labelled training images if fewer) on backbone
     features, the labelled training images as neighbours. Returns [(log record, log line)]."""
     out = []
-    test = sc.extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "test features", dtype)
+    test = extract(model, eval_set, cfg.global_size, cfg.batch_size, cfg.workers, device, "test features", dtype)
     to_true_class = CIFAR100_SUPERCLASS if cfg.dataset == "cifar100" else np.arange(len(eval_set.classes))
     labels = to_true_class[test["labels"].numpy()]
     for c, predicted in zip(cfg.num_classes, test["predictions"]):
@@ -606,7 +666,7 @@ def monitor_test_split(model, train_set, eval_set, cfg, device, dtype, heads=Tru
             out.append((dict(event="eval", head=c, **m), f"eval head C{c}: NMI {100 * m['nmi']:.1f} "
                         f"ACC {100 * m['acc']:.1f} ARI {100 * m['ari']:.1f}"))
     if knn:
-        train = sc.extract(model, train_set, cfg.global_size, cfg.batch_size, cfg.workers, device,
+        train = extract(model, train_set, cfg.global_size, cfg.batch_size, cfg.workers, device,
                            "kNN training features", dtype)
         labelled = train["labels"] >= 0
         k = min(20, int(labelled.sum()))
@@ -617,9 +677,7 @@ def monitor_test_split(model, train_set, eval_set, cfg, device, dtype, heads=Tru
     return out
 
 
-# =====================================================================================================
-# Superclasses: score fine-class predictions against coarser labels
-# =====================================================================================================
+# ---- Superclasses: score fine-class predictions against coarser labels
 def read_class_map(path, class_names):
     """Read a class -> superclass map: a JSON object {"class": "superclass", ...} or a text file of lines
     "class superclass" (# starts a comment). A class is named by its folder name or its index in class_names.
@@ -654,9 +712,7 @@ def read_class_map(path, class_names):
     return mapping, list(superclasses)
 
 
-# =====================================================================================================
-# Command line
-# =====================================================================================================
+# ---- Command line
 def command_line():
     p = sc.CommandLine(description=__doc__.split("\n\n")[0])
     add = p.add_argument
@@ -758,12 +814,7 @@ def load_model_and_config(args):
 
 
 def load_backbone_weights(model, path, arch):
-    if not Path(path).is_file():
-        raise sc.UserError(f"--weights {path} does not exist")
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # not a torch file, truncated, or pickled objects beyond tensors
-        raise sc.UserError(f"cannot read --weights {path} ({sc.one_line(error)})") from None
+    weights = sc.load_torch_file(path, "--weights")
     weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
     if not isinstance(weights, dict):
         raise sc.UserError(f"--weights {path} holds a {type(weights).__name__}, not a state_dict")
@@ -804,9 +855,7 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-# =====================================================================================================
-# What each class holds: a sheet per head, a page to browse, a folder per class
-# =====================================================================================================
+# ---- What each class holds: a sheet per head, a page to browse, a folder per class
 # what this program writes into --grid-dir, now and in earlier versions: the rest of a folder is the user's
 OUR_GRID_FILE = re.compile(r"C\d+(-\d+)?\.png|index\.html|rank\d+_class-?\d+_n\d+.*\.png")
 CLASSES_PER_SHEET, TILES_PER_ROW, CAPTION, PAD = 50, 8, 16, 4
@@ -841,7 +890,7 @@ def tile_image(dataset, index):
     """Image `index` of a dataset as uint8 [3, h, w], at its own size (files: decoded again)."""
     if isinstance(dataset, sc.ImageArray):
         return dataset.images[index].cpu()
-    return torchvision.transforms.v2.functional.pil_to_tensor(sc.read_image(dataset.samples[index][0]))
+    return v2.functional.pil_to_tensor(sc.read_image(dataset.samples[index][0]))
 
 
 def draw_sheet(rows, tile):
@@ -859,8 +908,8 @@ def draw_sheet(rows, tile):
             x, (h, w) = PAD + c * (tile + PAD), image.shape[-2:]
             scale = tile / max(h, w)
             nearest = scale >= 1 and scale == int(scale)
-            mode = getattr(torchvision.transforms.v2.InterpolationMode, "NEAREST" if nearest else "BILINEAR")
-            image = torchvision.transforms.v2.functional.resize(
+            mode = getattr(v2.InterpolationMode, "NEAREST" if nearest else "BILINEAR")
+            image = v2.functional.resize(
                 image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=mode, antialias=True)
             draw.rectangle([x, y + CAPTION, x + tile - 1, y + CAPTION + tile - 1], fill=(224, 224, 224))
             thumb = Image.fromarray(image.permute(1, 2, 0).numpy())
@@ -940,7 +989,7 @@ def predict(args):
         claim_grid_dir(args.grid_dir)
     images = sc.load_image_folder(root, cfg.in_memory_max_size, args.workers, labelled=False)
     dtype = sc.autocast_dtype(args.precision, torch.device(args.device))  # fp32: None, bf16: autocast
-    out = sc.extract(model.to(args.device), images, size, args.batch_size, args.workers, args.device, "predictions",
+    out = extract(model.to(args.device), images, size, args.batch_size, args.workers, args.device, "predictions",
                      dtype, cfg.row_tau)
     files = images.paths if isinstance(images, sc.ImageArray) else [path for path, _ in images.samples]
     paths = [files[i] for i in out["index"].tolist()]
@@ -1032,9 +1081,9 @@ def evaluate(args):
                            "classifies a folder")
     to_superclass, class_names = true_classes(args, cfg, eval_set)
     dtype = sc.autocast_dtype(args.precision, torch.device(args.device))  # fp32: None, bf16: autocast
-    extract = lambda split, what: sc.extract(model, split, size, args.batch_size, args.workers, args.device, what,
+    features_of = lambda split, what: extract(model, split, size, args.batch_size, args.workers, args.device, what,
                                              dtype)
-    ev = extract(eval_set, "evaluation-split features")
+    ev = features_of(eval_set, "evaluation-split features")
     fine_labels = ev["labels"].numpy()
     if (fine_labels < 0).any():
         raise ValueError(f"the {cfg.dataset} evaluation split is unlabelled: nothing to score against")
@@ -1045,7 +1094,7 @@ def evaluate(args):
         if to_superclass is not None:  # the authors' superclass ACC beside ours
             rows[f"head C={c}"]["acc_via_fine_classes"] = superclass_accuracy(fine_labels, pred.numpy(), to_superclass)
     if args.kmeans_seeds > 0 or args.knn or args.linear_probe:
-        tr = extract(sc.load_split(cfg, train=True), "training-split features")
+        tr = features_of(sc.load_split(cfg, train=True), "training-split features")
     fraction = f", {args.kmeans_train_fraction:g} of train" if args.kmeans_train_fraction < 1 else ""
     features = [("backbone", "backbone"), ("projection", "embedding")][:2 if args.checkpoint else 1]
     for title, key in features if args.kmeans_seeds > 0 else ():

@@ -14,7 +14,7 @@ rules out the trivial solution: no pseudo-labels, k-means, momentum encoder or s
     torchrun --nproc_per_node=4 selfclassifier.py --dataset cifar10 --data ./data
 
 Results: README.md. Sections: model | loss | nearest-neighbour queue | LARS | schedule | one training step, then the
-machinery: config | augmentation | data | distributed helpers | checkpoints | evaluation | training loop | main.
+machinery: config | augmentation | data | distributed helpers | checkpoints | monitors | training loop | main.
 """
 import argparse
 import dataclasses
@@ -222,9 +222,8 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter at once (torch._foreach_* kernels over the parameter list): the same
-        arithmetic as the per-parameter formula above, in about 20 launches instead of 15 per parameter. Returns
-        closure()'s loss when a closure is given (torch.optim.Optimizer's contract)."""
+        """The formula above for every parameter at once (torch._foreach_*: about 20 launches, not 15 per
+        parameter); returns closure()'s loss when given one, as torch.optim.Optimizer's contract asks."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -412,15 +411,14 @@ class Config:
     seed: int = option(0, "random seed (each rank adds its rank)", type=int)
     device: str = option("auto", "auto = cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
     out_dir: str = option("", "ckpt.pt (resumed if of this run) and log.jsonl; default: out/<dataset or folder>")
-    resume: str = option("", "a new run from this checkpoint's weights (ours or the authors'), unless OUT_DIR "
-                         "holds this run's")
+    resume: str = option("", "a new run from this checkpoint's weights (ours or the authors')")
     max_steps: int = option(0, "stop after this many steps (0 = the whole schedule)", type=non_negative_int)
     log_every: int = option(50, "steps between log lines (and after 1, 2, 4, ... steps)", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints", type=positive_float)
-    eval_every: int = option(-1, "epochs between heads monitors (-1: every epoch; with --minutes: after the last "
-                             "step; 0: never)", type=epochs_or_auto)
-    knn_every: int = option(-1, "epochs between kNN monitors (-1: 10 up to 100,000 labelled training images, else "
-                            "never; with --minutes: after the last step; 0: never)", type=epochs_or_auto)
+    eval_every: int = option(-1, "epochs between heads monitors (-1: 1; 0: never; --minutes: at the end)",
+                             type=epochs_or_auto)
+    knn_every: int = option(-1, "epochs between kNN monitors (-1: 10 up to 100,000 images, else 0 = never)",
+                            type=epochs_or_auto)
 
 
 class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
@@ -517,9 +515,8 @@ def view_specs(cfg):
 
 
 def blur_kernel_size(size):
-    """Odd Gaussian kernel spanning 4 of the largest sigma each side (17 px), cut to fit the crop: the blur then has
-    the std of PIL's GaussianBlur(radius=sigma) that the authors use, at every crop size. (The SimCLR habit of a
-    kernel of 10 % of the side cuts sigma = 2 short on small crops: 9 px at 96 px blurs with a std of 1.85.)"""
+    """Odd Gaussian kernel spanning 4 of the largest sigma each side (17 px), cut to fit the crop: the std of the
+    authors' PIL GaussianBlur(radius=sigma) at every crop size (a kernel of 10 % of the side blurs less)."""
     return 2 * min(math.ceil(4 * BLUR_SIGMA[1]), size - 1) + 1  # reflect padding needs radius < side
 
 
@@ -829,10 +826,9 @@ def image_sizes(folder, samples=256):
 
 
 def load_image_folder(root, in_memory_max_size, workers, labelled=True):
-    """torchvision's ImageFolder (labelled: root/<class>/*) or ImageFiles (any depth, unlabelled); decoded once into
-    an ImageArray when its images are small (CIFAR-sized), all at the size most of them have: images of another size
-    are resized (shorter side) and centre-cropped to it (said in one line), unreadable files left out (listed in its
-    .skipped; for files read later, an empty list)."""
+    """ImageFolder (labelled: root/<class>/*) or ImageFiles (any depth, unlabelled); small images decoded once into
+    an ImageArray at the size most have (others resized and centre-cropped, said in one line), unreadable files left
+    out and listed in .skipped (for files read later, an empty list)."""
     if not Path(root).is_dir():
         raise UserError(f"cannot read image folder {root}: it does not exist")
     try:
@@ -1030,19 +1026,30 @@ def from_authors_checkpoint(state):
     return dict(model=weights, config=config, step=0, source="authors")
 
 
+def load_torch_file(path, what="checkpoint", allowed=()):
+    """torch.load onto the CPU as data: tensors, numbers, strings, lists, dicts and the `allowed` globals; else a
+    UserError naming the cause (missing, empty, not a PyTorch file, truncated or corrupted, a global not allowed)."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise UserError(f"{what} {path} is empty (0 bytes)")
+    if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch.save's zip archive, or its older pickle
+        raise UserError(f"{what} {path} is not a PyTorch file")
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if wanted:  # refused before anything in the file ran
+            raise UserError(f"{what} {path} wants to load {wanted[1]}: not a checkpoint this program reads") from None
+        raise UserError(f"{what} {path} is truncated or corrupted ({one_line(error)})") from None
+
+
 def load_checkpoint(path):
     """Our checkpoint, or the authors' (keys 'state_dict' with 'mlp_head.'), loaded onto the CPU; else UserError."""
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals(AUTHORS_GLOBALS):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or code in its pickle (refused before it runs)
-        wanted = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if wanted:  # a global beyond tensors and the authors' two: refused before anything in the file ran
-            raise UserError(f"checkpoint {path} wants to load {wanted[1]}: "
-                            "not a checkpoint this program reads") from None
-        raise UserError(f"cannot read checkpoint {path} ({one_line(error)})") from None
+    state = load_torch_file(path, "checkpoint", AUTHORS_GLOBALS)
     if isinstance(state, dict) and any("mlp_head." in k for k in state.get("state_dict") or {}):
         try:
             return from_authors_checkpoint(state)
@@ -1064,73 +1071,6 @@ def model_from_checkpoint(state):
     model = build_model(cfg)
     model.load_state_dict(strip_prefixes(state["model"]))
     return model, cfg
-
-
-# ---- Evaluation: features and predicted classes of a whole split, no augmentation
-def eval_batches(dataset, size, batch_size, workers):
-    """Yield (float images [B, 3, size, size] in [0, 1], labels [B], dataset indices [B]) over a split in order;
-    unreadable files are left out. One resize for images in memory and files: none at size x size (CIFAR's usual
-    protocol), else the authors' ImageNet evaluation (Resize(256) + CenterCrop(224)): the shorter side to
-    size / 0.875, then the centre size x size."""
-    shape, shorter_side = (size, size), round(size / 0.875)
-    if isinstance(dataset, ImageArray):
-        for start in range(0, len(dataset), batch_size):
-            images = fit(dataset.images[start:start + batch_size], shape, shorter_side)
-            indices = torch.arange(start, start + len(images))
-            yield images.float() / 255, dataset.labels[indices.to(dataset.labels.device)], indices
-        return
-    loader = torch.utils.data.DataLoader(Indexed(dataset, shape, shorter_side), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=collate_readable)
-    for batch in loader:
-        if batch is not None:
-            yield batch[0].float() / 255, batch[1], batch[2]
-
-
-def load_images(files, size):
-    """Image files (a list of paths, or a folder: every image under it, sorted) as the model's input: float
-    [N, 3, size, size] in [0, 1], resized as the evaluation resizes. An unreadable file is a UserError."""
-    if isinstance(files, (str, Path)) and Path(files).is_dir():
-        files = [path for path, _ in ImageFiles(files, loader=read_image).samples]
-    images = []
-    for path in files:
-        image = read_image(path)
-        if image is None:
-            raise UserError(f"cannot read image {path}")
-        images.append(fit(v2.functional.pil_to_tensor(image), (size, size), round(size / 0.875)))
-    if not images:
-        raise UserError(f"no image files in {files}")
-    return torch.stack(images).float() / 255
-
-
-@torch.no_grad()
-def extract(model, dataset, size, batch_size=512, workers=8, device="cpu", what="features", dtype=None, row_tau=0.1):
-    """Run a split through the model: dict of backbone features [N, F], embeddings [N, D], per head (lists of [N])
-    the predicted class and its probability (the row softmax at row_tau, as in the loss), labels [N] and the dataset
-    index of each row [N] (unreadable files have none), all on the CPU. The backbone runs in float32 as the authors'
-    evaluation, or under autocast to dtype (torch.bfloat16: faster on a GPU, slightly different features)."""
-    was_training = model.training
-    model.eval()
-    heads = range(len(model.heads))
-    out = dict(backbone=[], embedding=[], predictions=[[] for _ in heads], probabilities=[[] for _ in heads],
-               labels=[], index=[])
-    amp = torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    progress = Progress(f"extracting {what}", len(dataset), "images")
-    for images, labels, indices in eval_batches(dataset, size, batch_size, workers):
-        with amp:
-            features = model.features(images.to(device, non_blocking=True))
-        z = model.embed(features)
-        out["backbone"].append(features.float().cpu())
-        out["embedding"].append(z.cpu())
-        for head, logits in enumerate(model.classify(z)):
-            probability, predicted = F.softmax(logits / row_tau, dim=1).max(1)
-            out["predictions"][head].append(predicted.cpu())
-            out["probabilities"][head].append(probability.cpu())
-        out["labels"].append(torch.as_tensor(labels).cpu())
-        out["index"].append(indices)
-        progress(int(indices[-1]) + 1)
-    model.train(was_training)
-    return {key: [torch.cat(p) for p in value] if key in ("predictions", "probabilities") else torch.cat(value)
-            for key, value in out.items()}
 
 
 # ---- Monitors: collapse (every log line, from the training batches) and the test split (at epoch ends)
@@ -1161,14 +1101,15 @@ class CollapseMonitor:
         return out
 
 
-def test_split_monitors(run, epoch, heads, knn):
+def test_split_monitors(run, epoch, heads, knn, logged=True):
     """On rank 0, the due test-split monitors (heads: NMI / ACC of the head of C = the number of classes; knn: kNN
     top-1 on backbone features) by the monitor given to train (eval_clustering.monitor_test_split), each logged."""
     if not (heads or knn) or not run.is_main or not run.eval_labelled or run.monitor is None:
         return
     for record, line in run.monitor(run.raw_model, run.train_set, run.eval_set, run.cfg, run.device, run.dtype,
                                     heads, knn):
-        log(run, dict(record, epoch=epoch, step=run.step), f"epoch {epoch} {line}")
+        if logged:
+            log(run, dict(record, epoch=epoch, step=run.step), f"epoch {epoch} {line}")
 
 
 # ---- Training loop
@@ -1364,9 +1305,8 @@ def budget_monitors(run):
 
 
 def monitors_due(run, epoch):
-    """(heads, kNN) test-split monitors due at the end of this epoch's steps. Without a budget: heads every epoch, kNN
-    every 10 epochs on training splits of at most 100,000 labelled images (-1), or every --eval-every / --knn-every
-    epochs, both after the last step; with --minutes, both after the last step only (0: never)."""
+    """(heads, kNN) test-split monitors due at the end of this epoch's steps: every --eval-every / --knn-every epochs
+    and after the last step (--minutes: after the last step only)."""
     cfg, final = run.cfg, run.step == total_steps(run)
     if cfg.minutes:
         return tuple(final and due for due in budget_monitors(run))
@@ -1427,20 +1367,24 @@ def train(cfg, started=None, monitor=None):
     if run.step >= last_step(run):
         log(run, dict(event="finished", step=run.step), f"already trained {run.step // run.steps_per_epoch} epochs "
             f"({run.step} steps) in {run.out_dir}; nothing to do — use another --out-dir to train again")
-    interrupted = []  # Ctrl-C finishes the current step, saves a checkpoint, then exits
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    interrupted = []  # Ctrl-C or SIGTERM (a job's time limit) finishes the step, saves a checkpoint, then exits
+    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum)) for s in (signal.SIGINT,
+                                                                                            signal.SIGTERM)}
     try:
         while run.step < last_step(run):
             train_epoch(run, run.step // run.steps_per_epoch, interrupted)
         ckpt = shlex.quote(str(run.ckpt_path))
         after = "" if run.eval_labelled else f" --predict {shlex.quote(cfg.data)} --grid-dir grids"
-        log(run, dict(event="done", step=run.step, checkpoint=str(run.ckpt_path)), f"done: {run.ckpt_path} (step "
-            f"{run.step}); next: python eval_clustering.py --checkpoint {ckpt}{after}")
+        memory = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
+        log(run, dict(event="done", step=run.step, checkpoint=str(run.ckpt_path), max_gpu_memory_gib=memory),
+            f"done: {run.ckpt_path} (step {run.step}" + (f", {memory:.1f} GiB of GPU memory" if memory else "")
+            + f"); next: python eval_clustering.py --checkpoint {ckpt}{after}")
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"out of GPU memory with {cfg.batch_size} images per GPU and {len(run.specs)} views; "
                         f"try a smaller --batch-size (or fewer --local-crops)") from None
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if run.log_file:
             run.log_file.close()
     return run.raw_model
@@ -1475,15 +1419,22 @@ def train_epoch(run, epoch, interrupted):
             interval = dict(start=time.time(), wait=0.0, images=0, agree=[])
         if time.time() - run.last_save_time > 60 * cfg.save_every_min:
             timed(run, save)
-        if (world_size() == 1 or run.step % cfg.log_every == 0) and any_rank(interrupted, run.device):  # DDP: a sync
-            save(run)
-            log(run, dict(event="interrupted", step=run.step), f"interrupted: saved {run.ckpt_path} at step {run.step}")
-            raise SystemExit(130)
+        if world_size() == 1 or run.step % cfg.log_every == 0:  # DDP: a sync
+            stop_if_interrupted(run, interrupted)
         if cfg.minutes and run.schedule is None:
             pace(run, steps_run, warmup_steps)
+    stop_if_interrupted(run, interrupted)  # not on into the monitors
     timed(run, save)
     if run.step % spe == 0 or run.step == total_steps(run):
         timed(run, test_split_monitors, epoch, *monitors_due(run, epoch))
+
+
+def stop_if_interrupted(run, interrupted):
+    """After Ctrl-C or SIGTERM on any rank: a checkpoint, then exit 128 + the signal's number (130, 143)."""
+    if any_rank(interrupted, run.device):
+        save(run)
+        log(run, dict(event="interrupted", step=run.step), f"interrupted: saved {run.ckpt_path} at step {run.step}")
+        raise SystemExit(128 + (interrupted or [signal.SIGINT])[0])
 
 
 def log_interval(run, epoch, lr, monitor, interval):
@@ -1506,9 +1457,7 @@ def log_interval(run, epoch, lr, monitor, interval):
 
 def pace(run, steps_run, warmup_steps):
     """--minutes: time PACE_STEPS steps after the first PACE_WARMUP_STEPS of this process (checkpoints and monitors
-    in between not counted), then plan the budget: at the same step on every rank, with no collective until then.
-    The warmup's length does not depend on the schedule's, so every step follows the planned cosine unless the
-    warmup is shorter than the steps before the plan."""
+    in between not counted), then plan the budget: at the same step on every rank, with no collective until then."""
     if steps_run in (PACE_WARMUP_STEPS, PACE_WARMUP_STEPS + PACE_STEPS) and run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # the host may run ahead of the device by a step
     if steps_run == PACE_WARMUP_STEPS:
@@ -1524,6 +1473,8 @@ def plan_budget(run, step_time, warmup_steps):
     heads pass (a kNN pass costs that per image it extracts). Rank 0's plan is every rank's."""
     cfg, spe, budget = run.cfg, run.steps_per_epoch, 60 * run.cfg.minutes
     heads, knn = budget_monitors(run)
+    if cfg.compile:  # the first pass in eval mode compiles the backbone again: not a cost of the final monitors
+        test_split_monitors(run, run.step // spe, heads or knn, False, logged=False)
     costs = dict(checkpoint=timed(run, save),
                  heads=timed(run, test_split_monitors, run.step // spe, heads or knn, False))
     costs["knn"] = costs["heads"] * (len(run.train_set) + len(run.eval_set)) / len(run.eval_set) if knn else 0.0

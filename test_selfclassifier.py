@@ -208,7 +208,7 @@ def test_a_folder_of_large_images_trains_through_workers_resumes_exactly_and_is_
     model, cfg = sc.model_from_checkpoint(sc.load_checkpoint(straight / "ckpt.pt"))
     files = sc.load_image_folder(tmp_path / "images" / "val", cfg.in_memory_max_size, 1, labelled=False)
     assert not isinstance(files, sc.ImageArray) and len(lines) == 32
-    out = sc.extract(model, files, cfg.global_size, workers=1, row_tau=cfg.row_tau)
+    out = ec.extract(model, files, cfg.global_size, workers=1, row_tau=cfg.row_tau)
     for head, column in ((0, 2), (1, 4)):
         probabilities = np.array([float(line.split(",")[column]) for line in lines])
         np.testing.assert_allclose(probabilities, out["probabilities"][head].numpy(), atol=5e-5)
@@ -400,12 +400,12 @@ def test_evaluation_resizes_images_in_memory_and_from_files_alike(tmp_path):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
     files, in_memory = sc.ImageFiles(tmp_path, loader=sc.read_image), sc.ImageArray(images, torch.full((6,), -1), [])
     for size in (32, 40):
-        from_files = torch.cat([batch[0] for batch in sc.eval_batches(files, size, 4, 0)])
-        from_memory = torch.cat([batch[0] for batch in sc.eval_batches(in_memory, size, 4, 0)])
+        from_files = torch.cat([batch[0] for batch in ec.eval_batches(files, size, 4, 0)])
+        from_memory = torch.cat([batch[0] for batch in ec.eval_batches(in_memory, size, 4, 0)])
         expected = TF.center_crop(TF.resize(images, round(size / 0.875), antialias=True), [size, size]).float() / 255
         assert torch.equal(from_files, from_memory) and torch.equal(from_memory, expected), size
     square = sc.ImageArray(images[..., :32, :32].contiguous(), torch.zeros(6, dtype=torch.long), ["a"])
-    assert torch.equal(next(sc.eval_batches(square, 32, 6, 0))[0], square.images.float() / 255)
+    assert torch.equal(next(ec.eval_batches(square, 32, 6, 0))[0], square.images.float() / 255)
 
 
 # =====================================================================================================
@@ -1183,16 +1183,22 @@ def test_precision_auto_is_bf16_only_where_the_gpu_computes_it(capability, expec
     assert sc.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
-@pytest.mark.parametrize("content, message", [(b"", "cannot read"), (None, "cannot read"), (b"{}", "cannot read")])
-def test_truncated_or_foreign_checkpoint_gives_one_line_error(tmp_path, content, message):
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty \\(0 bytes\\)$"),
+    (b"{}", "is not a PyTorch file$"),
+    (b"epoch 3 loss 0.5\n" * 100, "is not a PyTorch file$"),  # a text file: PyTorch says "KeyError: 101"
+    (None, "is truncated or corrupted \\(RuntimeError: PytorchStreamReader failed reading zip archive"),
+])
+def test_a_checkpoint_that_is_not_one_is_refused_in_one_line_naming_why(tmp_path, content, message):
     path = tmp_path / "ckpt.pt"
     if content is None:  # a real checkpoint cut in half
         sc.save_checkpoint(path, dict(model=torch.nn.Linear(200, 200).state_dict(), config={}))
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         path.write_bytes(content)
-    with pytest.raises(sc.UserError, match=message):
+    with pytest.raises(sc.UserError, match=message) as refused:
         sc.load_checkpoint(path)
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(f"checkpoint {path} ")
     torch.save({"weights": 1}, path)
     with pytest.raises(sc.UserError, match="not a Self-Classifier checkpoint"):
         sc.load_checkpoint(path)
@@ -2570,7 +2576,7 @@ def test_eval_command_line_scores_superclasses_both_ways(trained, tmp_path, caps
     assert coarse["acc_via_fine_classes"] >= fine["acc"]  # a right fine class is a right superclass
     assert "acc_via_fine_classes" not in fine and "ACC-via-fine" not in ec.format_table({"head C=10": fine})
     (tmp_path / "twice.txt").write_text("0 a\n0 b\n" + "".join(f"{i} c\n" for i in range(1, 10)))
-    monkeypatch.setattr(sc, "extract", lambda *args: pytest.fail("features extracted before the map was read"))
+    monkeypatch.setattr(ec, "extract", lambda *args: pytest.fail("features extracted before the map was read"))
     with pytest.raises(SystemExit) as exit_info:  # a bad map fails at once, in one line
         ec.main(quick + ["--class-map", str(tmp_path / "twice.txt")])
     assert exit_info.value.code == 1 and "names class 'hstripes-p4' twice" in capsys.readouterr().err
@@ -2582,16 +2588,16 @@ def test_evaluation_runs_the_backbone_in_float32_unless_bf16_is_asked(trained, c
     model, _ = sc.model_from_checkpoint(sc.load_checkpoint(trained / "ckpt.pt"))
     test = sc.make_synthetic(train=False)
     few = sc.ImageArray(test.images[:64], test.labels[:64], test.classes)
-    exact = sc.extract(model, few, 32, batch_size=64)
-    fast = sc.extract(model, few, 32, batch_size=64, dtype=torch.bfloat16)
+    exact = ec.extract(model, few, 32, batch_size=64)
+    fast = ec.extract(model, few, 32, batch_size=64, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(exact["backbone"], model.eval().features(few.images.float() / 255))
     assert not torch.equal(fast["backbone"], exact["backbone"])
     assert F.cosine_similarity(fast["backbone"], exact["backbone"]).min() > 0.99
     quick = ["--checkpoint", str(trained / "ckpt.pt"), "--kmeans-seeds", "0", "--no-knn", "--no-linear-probe",
              "--workers", "0", "--device", "cpu"]
-    real_extract, dtypes = sc.extract, []
-    monkeypatch.setattr(sc, "extract", lambda *args: dtypes.append(args[-1]) or real_extract(*args))
+    real_extract, dtypes = ec.extract, []
+    monkeypatch.setattr(ec, "extract", lambda *args: dtypes.append(args[-1]) or real_extract(*args))
     fp32, bf16 = ec.main(quick)["head C=10"], ec.main(quick + ["--precision", "bf16"])["head C=10"]
     assert dtypes == [None, torch.bfloat16] and abs(fp32["acc"] - bf16["acc"]) < 0.05, (fp32, bf16)
 
@@ -2610,7 +2616,7 @@ def test_eval_command_line_baseline_without_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p.write_bytes(b"garbage"), "cannot read --weights"),
+    (lambda p: p.write_bytes(b"garbage"), "is not a PyTorch file"),
     (lambda p: torch.save([torch.zeros(1)], p), "holds a list, not a state_dict"),
     (lambda p: torch.save(sc.torchvision.models.resnet50().state_dict(), p),
      "does not fit --arch resnet18: size mismatch"),
@@ -2683,7 +2689,7 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: None, "does not exist"),
-    (lambda p: p.write_bytes(b"garbage"), "cannot read checkpoint"),
+    (lambda p: p.write_bytes(b"garbage"), "is not a PyTorch file"),
     (lambda p: torch.save({"state_dict": {}}, p), "not a Self-Classifier checkpoint"),
 ])
 def test_eval_command_line_refuses_bad_checkpoints_in_one_line(tmp_path, make, message, capsys):
@@ -2757,7 +2763,7 @@ def test_an_unlabelled_folder_trains_and_every_image_gets_a_class(tmp_path, nest
     model, cfg = sc.model_from_checkpoint(sc.load_checkpoint(tmp_path / "run" / "ckpt.pt"))
     images = sc.load_image_folder(tmp_path / "photos", cfg.in_memory_max_size, 0, labelled=False)
     assert images.skipped == [broken]
-    out = sc.extract(model, images, cfg.global_size, row_tau=cfg.row_tau)
+    out = ec.extract(model, images, cfg.global_size, row_tau=cfg.row_tau)
     assert np.array_equal(classes[:, 0], out["predictions"][0].numpy())
     assert np.array_equal(classes[:, 1], out["predictions"][1].numpy())
     np.testing.assert_allclose(probabilities, torch.stack(out["probabilities"], 1).numpy(), atol=5e-5)  # 4 decimals
