@@ -13,6 +13,7 @@ import pickle
 import re
 import runpy
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -3127,3 +3128,69 @@ def test_selfclassifier_opens_with_the_method_and_every_line_is_short():
     for path in [*HERE.glob("*.py"), *(HERE / "scripts").glob("*.py")]:
         long_lines = [n for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
         assert not long_lines, f"{path.name}: lines {long_lines}"
+
+
+def reproduce_command(start):
+    """The line of docs/reproduce.md's "On a lent GPU" that starts with `start`."""
+    section = (HERE / "docs" / "reproduce.md").read_text().split("## On a lent GPU", 1)[1].split("\n## ", 1)[0]
+    (line,) = [line.strip() for line in section.splitlines() if line.strip().startswith(start)]
+    return line
+
+
+def test_the_device_command_runs_as_written_in_a_copy_without_git(tmp_path):
+    """docs/reproduce.md's device command, as written, in a copy of the scripts without .git, on tarballs of a small
+    JPEG folder in gpu/ with the commit beside them and scaled-down flags through the script's variables: it prints
+    what the ledger needs first, exits 0 and leaves its 8 files in $OUT, the ledger row naming the commit. Run again
+    and stopped by SIGTERM (as `timeout` sends it: to every process of the command) in the middle of training, it
+    leaves a checkpoint of the step it stopped at in a run folder of its own, and the small files in $OUT."""
+    import tarfile
+    from PIL import Image
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("selfclassifier.py", "eval_clustering.py", "scripts"):
+        (shutil.copytree if (HERE / name).is_dir() else shutil.copy)(HERE / name, repo / name)
+    jpegs, rng = tmp_path / "jpegs" / "cifar10-jpeg", np.random.default_rng(0)
+    for split, n in (("train", 48), ("test", 8)):
+        for c in ("cat", "dog"):
+            (jpegs / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(jpegs / split / c / f"{i}.jpg")
+    (repo / "gpu").mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(repo / "gpu" / f"cifar10-jpeg-{split}.tar.gz", "w:gz") as tar:
+            tar.add(jpegs / split, arcname=f"cifar10-jpeg/{split}")
+    commit = "f00dfee-test"  # what `git describe` wrote into gpu/COMMIT here
+    (repo / "gpu" / "COMMIT").write_text(commit + "\n")
+    assert reproduce_command("mkdir -p gpu").endswith("git describe --always --dirty > gpu/COMMIT")
+    command = reproduce_command("timeout -s TERM")
+    small = ("--stem imagenet --global-size 16 --local-crops 0 --hidden-dim 32 --embed-dim 16 --batch-size 16 "
+             "--num-classes 2 4 --warmup-epochs 0 --workers 0 --minutes 0")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               EXTRA_FLAGS=small + " --epochs 1", EVAL_FLAGS="--kmeans-seeds 0 --knn-k 5 --no-linear-probe",
+               OUT=str(tmp_path / "out1"))
+    run = subprocess.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    first = run.stdout.splitlines()[0]
+    assert re.match(r"interpreter: \S*/python3?; torch \S+ torchvision \S+; GPU: ", first), first
+    assert first.endswith(f"; commit: {commit}"), first
+    assert sorted(p.name for p in (tmp_path / "out1").iterdir()) == sorted(
+        ["train.txt", "log.jsonl", "eval.txt", "scores.json", "curves.png", "ledger-row.md", "summary.json",
+         "grids.tar.gz"])
+    row = (tmp_path / "out1" / "ledger-row.md").read_text().splitlines()[2]
+    assert f"| {commit} |" in row and "--minutes 8" in row, row
+    assert "head C=2" in json.loads((tmp_path / "out1" / "scores.json").read_text())["scores"]
+    env.update(EXTRA_FLAGS=small + " --epochs 100", OUT=str(tmp_path / "out2"))
+    stopped = subprocess.Popen(["bash", "-c", command], cwd=repo, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in stopped.stdout:  # the second training line: in the middle of training
+        if " step 2/" in line:
+            os.killpg(stopped.pid, signal.SIGTERM)
+            break
+    output = line + stopped.stdout.read()
+    stopped.wait(timeout=120)
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["log.jsonl", "train.txt"], output
+    (interrupted,) = [json.loads(r) for r in (tmp_path / "out2" / "log.jsonl").read_text().splitlines()
+                      if '"interrupted"' in r]
+    runs = sorted((repo / "out" / "cifar10-gpu").iterdir())
+    assert len(runs) == 2 and sc.load_checkpoint(runs[1] / "ckpt.pt")["step"] == interrupted["step"] >= 2, output
+    assert "interrupted: saved" in (tmp_path / "out2" / "train.txt").read_text()

@@ -253,6 +253,7 @@ def parse_args(argv=None):
     p.add_argument("--summarise", metavar="DIR", help="instead of a sweep: print the row of one run directory")
     p.add_argument("--ledger-command", help="with --summarise: the training command, for DIR/ledger-row.md")
     p.add_argument("--ledger-minutes", default="", help="with --summarise: the time budget, for the ledger row")
+    p.add_argument("--ledger-commit", help="with --summarise: the commit (default: git's; for a copy without .git)")
     p.add_argument("--train-seconds", type=float, help="with --summarise: measured training time, for the ledger row")
     p.add_argument("--eval-seconds", type=float, help="with --summarise: measured evaluation time, for the ledger row")
     args = p.parse_args(join_string_flags(sys.argv[1:] if argv is None else argv))
@@ -402,9 +403,9 @@ def stop_all(variants, grace_s=60):
 # =====================================================================================================
 # One run directory: summary and ledger row (scripts/cifar10_gpu.sh)
 # =====================================================================================================
-def machine():
-    """GPU name (nvidia-smi), torch version (its installed package, without importing it), git commit; 'unknown' for
-    what cannot be found."""
+def machine(commit=None):
+    """GPU name (nvidia-smi), torch version (its installed package, without importing it), the commit (given, else
+    git's); 'unknown' for what cannot be found."""
     gpu = "no NVIDIA GPU"
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -418,6 +419,8 @@ def machine():
         torch_version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         torch_version = "unknown"
+    if commit:
+        return dict(gpu=gpu, torch=torch_version, commit=commit)
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
                              timeout=30)
@@ -453,7 +456,7 @@ def summarise_command(args):
     if args.ledger_command is None:
         print(json.dumps({k: v for k, v in row.items() if k != "scores"}, indent=2))
         return 0
-    info = machine()
+    info = machine(args.ledger_commit)
     line = ledger_row(row, info, args.ledger_command, args.ledger_minutes, args.train_seconds, args.eval_seconds)
     (run_dir / "ledger-row.md").write_text(LEDGER_HEADER + "\n" + line + "\n")
     (run_dir / "summary.json").write_text(json.dumps(dict(row, **info, command=args.ledger_command,
