@@ -1128,9 +1128,9 @@ class StepClock:
             self.now += step
             return real_step(*args, **kwargs)
 
-        def monitors(run, epoch, heads_due, knn_due):
+        def monitors(run, epoch, heads_due, knn_due, **logged):
             self.now += heads * (heads_due + 5 * knn_due) if run.eval_labelled else 0.0
-            return real_monitors(run, epoch, heads_due, knn_due)
+            return real_monitors(run, epoch, heads_due, knn_due, **logged)
 
         def save_checkpoint(*args):
             self.now += 0.01
@@ -1172,6 +1172,34 @@ def test_a_resumed_budgeted_run_keeps_its_schedule(tmp_path, monkeypatch):
     assert len(budgets) == 1 and train_lines[-1]["step"] == budget["total_steps"] > 17
     total = budget["total_steps"]
     assert train_lines[-1]["lr"] == pytest.approx(sc.lr_at(total - 1, total, 6, 0.5, 0.2, 0.002))
+
+
+def test_compile_with_a_budget_plans_from_passes_timed_after_compilation(tmp_path, monkeypatch):
+    """--compile --minutes: torch.compile (here a stand-in costing 1 s of the controlled clock per new mode and input
+    shape, as a recompilation does) compiles in the untimed first steps and in a first, untimed pass in eval mode;
+    the plan's timed heads pass then costs what the final monitors will, not a compilation (which the kNN estimate
+    would multiply), and the run still ends inside its budget, having used most of it."""
+    clock, compiled = StepClock(monkeypatch), []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module  # the name torch.compile gives it: checkpoints strip it
+
+        def forward(self, x):
+            if (self.training, tuple(x.shape)) not in compiled:
+                compiled.append((self.training, tuple(x.shape)))
+                clock.now += 1.0
+            return self._orig_mod(x)
+
+    monkeypatch.setattr(torch, "compile", Compiled)
+    started = clock.now
+    train(sc.parse_config(BUDGET + ["--minutes", "0.1", "--compile", "--out-dir", str(tmp_path)]), started)
+    (budget,), train_lines, evals, knns = budget_run_records(tmp_path, "eval", "knn")
+    assert [training for training, _ in compiled] == [True, False, False]  # a training shape, then the eval batches
+    assert budget["costs"]["heads"] == pytest.approx(0.1) and budget["costs"]["knn"] == pytest.approx(0.5)
+    assert [r["step"] for r in evals] == [15, budget["total_steps"]] and len(knns) == 1
+    assert 0.8 * 6 < clock.now - started <= 6 and train_lines[-1]["step"] == budget["total_steps"] > 15
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
