@@ -6,13 +6,9 @@ scores a checkpoint.
     python eval_clustering.py --arch resnet50 --weights r50.pth --dataset imagefolder --data DIR   # baselines only
     python eval_clustering.py --checkpoint out/ckpt.pt --predict photos/ --out classes.csv   # a class per image
 
-Metrics follow scikit-learn's definitions exactly (NMI and AMI with the arithmetic-mean normaliser, AMI with
-the exact expected mutual information, ARI as adjusted_rand_score), with numpy and scipy only. ACC is the
-accuracy after the best one-to-one matching of clusters to classes (Hungarian algorithm); with more clusters
-than classes, acc_majority maps each cluster to its most frequent class and acc_hungarian_majority is the
-authors' variant as their code computes it (matching first, majority for the clusters left over).
-superclass_accuracy is the authors' superclass ACC (clusters matched to fine classes, scored on their superclasses).
-This file builds on selfclassifier.py (the model, the data, extract); its metrics, k-means and probes use none of it.
+Metrics are scikit-learn's (numpy and scipy only; cluster_metrics says which); ACC is the accuracy after the best
+one-to-one matching of clusters to classes (Hungarian algorithm). This file builds on selfclassifier.py (the model,
+the data); its metrics, k-means and probes use none of it.
 selfclassifier.py's main() borrows monitor_test_split for the training's test-split monitors.
 """
 import argparse
@@ -360,10 +356,9 @@ def check_probe_inputs(train_features, train_labels, test_features, test_labels)
         if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
             raise ValueError(f"{split}_labels must hold integer class labels, got dtype {y.dtype}")
         y = y.cpu().long()
-        if (y == -1).any() and split == "train":  # this project marks unlabelled samples with -1
-            raise ValueError("training labels contain -1 (unlabelled samples); a probe needs labelled training data")
-        if (y == -1).any():
-            raise ValueError("the evaluation split is unlabelled (test labels contain -1); it cannot be scored")
+        if (y == -1).any():  # this project marks unlabelled samples with -1
+            raise ValueError("training labels contain -1 (unlabelled samples); a probe needs labelled training data"
+                             if split == "train" else "the evaluation split is unlabelled (test labels contain -1)")
         if (y < 0).any():
             raise ValueError(f"{split}_labels must be >= 0, got {int(y.min())}")
         out += [x, y]
@@ -379,19 +374,15 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
                  num_classes=None, chunk_rows=None, device=None, progress=None):
     """Weighted kNN accuracy of frozen features (Wu et al. 2018; the protocol of DINO, lightly and solo-learn).
 
-    Both feature sets are l2-normalised, so x.y is the cosine similarity. Each test sample takes its k most similar
-    training samples; neighbour i votes for its label with weight exp(s_i / temperature) (computed as
-    exp((s_i - s_max) / temperature): the same ranking, no float32 overflow); the largest summed vote is the
-    prediction (top-5: the five largest). temperature=math.inf is the plain majority vote. Ties do not depend on
-    torch.topk: tied neighbours by lowest training index (nearest_k), votes summed one neighbour at a time, most
-    similar first (equal weights, bitwise-equal sums), equal sums ranked by lowest class index. Test rows go through
-    in chunks of chunk_rows (default: a similarity block of about 2**24 floats; the normalised training matrix is
-    held once, in float32 on `device`).
+    On l2-normalised features (x.y = cosine), each test sample takes its k most similar training samples; neighbour
+    i votes for its label with weight exp(s_i / temperature) (temperature=math.inf: the plain majority vote); the
+    largest summed vote is the prediction (top-5: the five largest). Ties do not depend on torch.topk: tied
+    neighbours by lowest training index, equal sums by lowest class index. Test rows go through in chunks of
+    chunk_rows (default: a similarity block of about 2**24 floats, on `device`).
 
     train_features [N, D], test_features [M, D]: arrays or tensors; labels: integers >= 0 (-1, this project's mark
     for unlabelled, is refused); num_classes defaults to the largest label + 1; progress(done) after each chunk.
-    Returns {"top1": acc, "top5": acc} in [0, 1]; "top5" only with more than 5 classes.
-    """
+    Returns {"top1": acc, "top5": acc} in [0, 1]; "top5" only with more than 5 classes."""
     train_x, train_y, test_x, test_y = check_probe_inputs(train_features, train_labels, test_features, test_labels)
     n_train, n_test = len(train_x), len(test_x)
     if int(k) != k or not 1 <= k <= n_train:
@@ -481,13 +472,11 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
 
         L(W, b) = (1/n) sum_i CE(softmax(x_i W^T + b), y_i) + (weight_decay / 2) ||W||_F^2      (b not penalised)
 
-    scikit-learn's LogisticRegression(C = 1 / (weight_decay * n)), by full-batch L-BFGS (fit_logistic). Model
-    selection: a stratified val_fraction of the training split (fixed by seed) is held out, the rest fitted once per
-    weight decay, largest first, each fit warm-started from the previous one; the best validation top-1 wins (ties:
-    the larger decay), refitted on the whole training split and scored on the test split. Classes absent from the
-    training split are never predicted; equal logits go to the lowest class. Deterministic for a seed and device.
-    progress(done) after each of the len(weight_decays) + 1 fits. Returns {"top1": test accuracy in [0, 1],
-    "weight_decay": the chosen value, "val_top1": {weight_decay: accuracy}}."""
+    scikit-learn's LogisticRegression(C = 1 / (weight_decay * n)), by full-batch L-BFGS (fit_logistic). A
+    stratified val_fraction of the training split (fixed by seed) picks the weight decay (largest first, each fit
+    warm-started from the previous; ties: the larger), then a refit on the whole split is scored on the test split.
+    Classes absent from training are never predicted. progress(done) after each of the len(weight_decays) + 1 fits.
+    Returns {"top1": test accuracy in [0, 1], "weight_decay": the chosen value, "val_top1": {weight_decay: acc}}."""
     train_x, train_y, test_x, test_y = check_probe_inputs(train_features, train_labels, test_features, test_labels)
     classes = torch.unique(train_y)                                       # sorted; the model predicts only these
     if len(classes) < 2:
@@ -720,10 +709,8 @@ def command_line():
     add("--arch", choices=("resnet18", "resnet34", "resnet50"), help="without --checkpoint: baselines on this backbone")
     add("--weights", help="with --arch: backbone state dict (random initialisation when omitted)")
     add("--init-seed", type=int, default=0, help="with --arch and no --weights: seed of the random initialisation")
-    add("--stem", choices=("cifar", "imagenet"), help="with --arch: the stem (default: cifar for images up to 64 px, "
-        "else imagenet)")
-    add("--image-size", type=sc.positive_int, help="evaluation image side (default: the checkpoint's global crop size, "
-        "or 32 / 96 / 224)")
+    add("--stem", choices=("cifar", "imagenet"), help="with --arch (default: cifar up to 64 px, else imagenet)")
+    add("--image-size", type=sc.positive_int, help="evaluation image side (default: the checkpoint's, or 32/96/224)")
     add("--dataset", choices=sc.DATASETS, help="default: the checkpoint's dataset")
     add("--data", help="default: the checkpoint's data root")
     add("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data")
@@ -731,30 +718,26 @@ def command_line():
         "'class superclass' (# comments); a class is its folder name or index. Default for cifar100: its 20")
     add("--cifar100-fine", action="store_true", help="score CIFAR-100 on its 100 classes, not the 20 superclasses")
     add("--kmeans-seeds", type=sc.non_negative_int, default=3, help="k-means runs per feature kind (0 = none)")
-    add("--kmeans-features", choices=("l2", "raw"), default="l2", help="l2-normalised features (ours) or raw (the "
-        "authors' table)")
-    add("--kmeans-train-fraction", type=float, default=1.0, help="fit k-means on this random fraction of the "
-        "training split (the authors: 0.1)")
+    add("--kmeans-features", choices=("l2", "raw"), default="l2", help="l2-normalised (ours) or raw (the authors')")
+    add("--kmeans-train-fraction", type=float, default=1.0, help="of the training split to fit on (the authors: 0.1)")
     add("--kmeans-n-init", type=sc.positive_int, default=1, help="k-means++ restarts per seed (the authors: 10)")
     add("--knn", action=argparse.BooleanOptionalAction, default=True, help="weighted kNN on backbone features")
     add("--knn-k", type=sc.positive_int, nargs="+", default=[20, 200], help="neighbour counts of the kNN rows")
-    add("--knn-temperature", type=sc.positive_float, default=KNN_TEMPERATURE, help="T of the kNN vote, weights "
-        "exp(cosine / T) (the authors' 0.1; DINO and solo-learn: 0.07)")
+    add("--knn-temperature", type=sc.positive_float, default=KNN_TEMPERATURE, help="T of the vote's exp(cosine / T) "
+        "(the authors: 0.1; DINO, solo-learn: 0.07)")
     add("--linear-probe", action=argparse.BooleanOptionalAction, default=True, help="linear probe on backbone features")
     add("--batch-size", type=sc.positive_int, default=512, help="images per forward pass")
     add("--workers", type=sc.non_negative_int, default=min(8, sc.available_cpus()), help="image-decoding processes")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (cpu, cuda, cuda:1)")
-    add("--precision", choices=("fp32", "bf16"), default="fp32", help="the backbone's: fp32 as the authors' "
-        "evaluation, or bf16 autocast (faster on a GPU); projection and heads always in float32")
+    add("--precision", choices=("fp32", "bf16"), default="fp32", help="the backbone's (bf16: faster on a GPU)")
     add("--json", help="also write the numbers to this JSON file")
     add("--grid-dir", help="what each class holds: per head a sheet DIR/C<C>.png of every class's surest members (the "
         "scored head; with --predict every head, and DIR/index.html to browse)")
     add("--grid-per-class", type=sc.positive_int, default=32, help="with --predict: members per class in index.html")
     add("--predict", metavar="DIR", help="instead of scoring: classify every image under DIR (any depth, no labels) "
         "with --checkpoint's heads into --out")
-    add("--out", default="predictions.csv", help="with --predict: the CSV (path, then per head class and probability)")
-    add("--sort-into", metavar="DIR", help="with --predict: a new folder of one sub-folder per class of --sort-head, "
-        "holding links to its images")
+    add("--out", default="predictions.csv", help="with --predict: the CSV (path, per head class and probability)")
+    add("--sort-into", metavar="DIR", help="with --predict: a new folder of links to the images, one per class")
     add("--sort-head", type=sc.positive_int, help="with --sort-into: the head of this C (default: the first)")
     add("--copy", action="store_true", help="with --sort-into: copies instead of symbolic links")
     return p
@@ -856,8 +839,7 @@ def format_table(rows):
 
 
 # ---- What each class holds: a sheet per head, a page to browse, a folder per class
-# what this program writes into --grid-dir, now and in earlier versions: the rest of a folder is the user's
-OUR_GRID_FILE = re.compile(r"C\d+(-\d+)?\.png|index\.html|rank\d+_class-?\d+_n\d+.*\.png")
+OUR_GRID_FILE = re.compile(r"C\d+(-\d+)?\.png|index\.html")  # what this program writes into --grid-dir
 CLASSES_PER_SHEET, TILES_PER_ROW, CAPTION, PAD = 50, 8, 16, 4
 
 
@@ -868,21 +850,13 @@ def claim_grid_dir(grid_dir):
     if grid_dir.exists() and not grid_dir.is_dir():
         raise sc.UserError(f"--grid-dir {grid_dir} is a file, not a folder")
 
-    def ours(entry, folders_too=True):  # one of its files, or a folder C<C>/ of an earlier version's files
-        if folders_too and entry.is_dir() and not entry.is_symlink():
-            return re.fullmatch(r"C\d+", entry.name) and all(ours(file, False) for file in entry.iterdir())
-        return entry.is_file() and OUR_GRID_FILE.fullmatch(entry.name)
-
     entries = list(grid_dir.iterdir()) if grid_dir.exists() else []
-    foreign = [e.name for e in entries if not ours(e)]
+    foreign = [e.name for e in entries if not (e.is_file() and OUR_GRID_FILE.fullmatch(e.name))]
     if foreign:
         raise sc.UserError(f"--grid-dir {grid_dir} holds files this program did not write ({foreign[0]}, ...): give "
                            "a new or empty folder, or one that holds only its earlier sheets")
     for entry in entries:
-        for file in (entry.iterdir() if entry.is_dir() else [entry]):
-            file.unlink()
-        if entry.is_dir():
-            entry.rmdir()
+        entry.unlink()
     grid_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -1046,13 +1020,10 @@ def true_classes(args, cfg, eval_set):
     return None, list(eval_set.classes)
 
 
-def representation_rows(args, dataset, train, test, labels, to_superclass):
+def representation_rows(args, train, test, labels, to_superclass):
     """kNN rows and the linear probe on backbone features, the labelled training images as training data."""
     train_labels = train["labels"].numpy()
     labelled = train_labels >= 0  # STL-10's training split includes its unlabelled images
-    if not labelled.any():
-        print(f"no labelled training images in {dataset}: no kNN or linear probe", file=sys.stderr)
-        return {}
     features, train_labels = train["backbone"][labelled], train_labels[labelled]
     if to_superclass is not None:
         train_labels = to_superclass[train_labels]
@@ -1085,8 +1056,6 @@ def evaluate(args):
                                              dtype)
     ev = features_of(eval_set, "evaluation-split features")
     fine_labels = ev["labels"].numpy()
-    if (fine_labels < 0).any():
-        raise ValueError(f"the {cfg.dataset} evaluation split is unlabelled: nothing to score against")
     labels = fine_labels if to_superclass is None else to_superclass[fine_labels]
     num_true, rows = len(np.unique(labels)), {}
     for c, pred in zip(cfg.num_classes, ev["predictions"]):
@@ -1105,7 +1074,7 @@ def evaluate(args):
         name = f"k-means {title} (k={num_true}, {args.kmeans_features}{fraction}, {len(runs)} seeds)"
         rows[name] = mean_and_std(runs)
     if args.knn or args.linear_probe:
-        rows.update(representation_rows(args, cfg.dataset, tr, ev, labels, to_superclass))
+        rows.update(representation_rows(args, tr, ev, labels, to_superclass))
     report(args, cfg, rows, len(labels), num_true)
     if args.grid_dir and cfg.num_classes:  # the head whose C is nearest the number of classes
         head = min(range(len(cfg.num_classes)), key=lambda h: abs(cfg.num_classes[h] - num_true))

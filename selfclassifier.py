@@ -8,10 +8,8 @@ rules out the trivial solution: no pseudo-labels, k-means, momentum encoder or s
     # CPU smoke run on an offline synthetic dataset with known labels
     python selfclassifier.py --dataset synthetic --stem imagenet --epochs 4 --batch-size 128 --hidden-dim 512 \
         --num-classes 10 20 --warmup-epochs 1 --local-crops 0 --lr 1.0
-    # CIFAR-10 on one GPU, trained to a wall-clock budget of 10 minutes
+    # CIFAR-10 on one GPU, trained to a wall-clock budget of 10 minutes; several GPUs: torchrun --nproc_per_node=4
     python selfclassifier.py --dataset cifar10 --data ./data --download --minutes 10
-    # several GPUs on one machine
-    torchrun --nproc_per_node=4 selfclassifier.py --dataset cifar10 --data ./data
 
 Results: README.md. Sections: model | loss | nearest-neighbour queue | LARS | schedule | one training step, then the
 machinery: config | augmentation | data | distributed helpers | checkpoints | monitors | training loop | main.
@@ -431,8 +429,7 @@ class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class CommandLine(argparse.ArgumentParser):
-    """argparse that answers a bad command line in one line: no abbreviations (--num-class is not --num-classes),
-    the closest flag to an unknown one, and where the options are listed."""
+    """argparse answering a bad command line in one line: no abbreviations, the closest flag, where help is."""
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, formatter_class=DefaultsOnce, **kwargs)
@@ -505,8 +502,7 @@ class ViewSpec:
 
 
 def view_specs(cfg):
-    """The crops of one image in order: the first global crop (the paper blurs it with p 0.1; the queue replaces
-    it), the second (blur p 1.0 and solarisation), the local crops."""
+    """The crops of one image: global 1 (paper: blur p 0.1; the queue replaces it), global 2, the local crops."""
     blur0, blur1, blur_local = cfg.blur_prob
     colour = dict(jitter=tuple(cfg.jitter), jitter_prob=cfg.jitter_prob, gray_prob=cfg.gray_prob)
     return ([ViewSpec(cfg.global_size, tuple(cfg.global_scale), blur0, 0.0, **colour),
@@ -515,8 +511,8 @@ def view_specs(cfg):
 
 
 def blur_kernel_size(size):
-    """Odd Gaussian kernel spanning 4 of the largest sigma each side (17 px), cut to fit the crop: the std of the
-    authors' PIL GaussianBlur(radius=sigma) at every crop size (a kernel of 10 % of the side blurs less)."""
+    """Odd kernel of 4 sigma each side (17 px), cut to the crop: the std of PIL's GaussianBlur(radius=sigma) (the
+    authors') at every crop size; a kernel of 10 % of the side blurs less."""
     return 2 * min(math.ceil(4 * BLUR_SIGMA[1]), size - 1) + 1  # reflect padding needs radius < side
 
 
@@ -537,9 +533,8 @@ def per_image_transform(spec):
 
 
 class PerImageViews(torch.utils.data.Dataset):
-    """dataset[(index, epoch_seed)] -> (list of views, label, index). Each sample's augmentation is seeded in the
-    worker from (epoch seed, index), a pure function of (run seed, epoch, index): any worker count or mid-epoch resume
-    agrees."""
+    """dataset[(index, epoch_seed)] -> (list of views, label, index), seeded by (epoch seed, index), i.e. by (run
+    seed, epoch, index): any worker count or mid-epoch resume agrees."""
 
     def __init__(self, dataset, specs):
         self.dataset, self.transforms = dataset, [per_image_transform(s) for s in specs]
@@ -591,9 +586,8 @@ def gaussian_blur(x, sigma, kernel_size):
 
 
 def random_crop_boxes(n, height, width, scale, gen, device):
-    """torchvision's RandomResizedCrop.get_params (the authors' crop), for n images at once: up to 10 draws of an
-    area fraction in `scale` and a log-uniform aspect ratio in RATIO, the first whose rounded box fits; if none
-    does, the central crop of the nearest allowed ratio; then a uniform integer position. -> (top, left, h, w) [n]."""
+    """torchvision's RandomResizedCrop.get_params (the authors' crop) for n images at once: of 10 draws (area, ratio),
+    the first that fits, else the central crop of the nearest allowed ratio; a uniform position. -> (top, left, h, w)"""
     tries = 10
     area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, device=device, generator=gen))
     log_ratio = math.log(RATIO[0]) + math.log(RATIO[1] / RATIO[0]) * torch.rand(n, tries, device=device, generator=gen)
@@ -613,9 +607,8 @@ def random_crop_boxes(n, height, width, scale, gen, device):
 
 
 def resize_weights(start, length, size, in_size):
-    """[n, size, in_size]: row o of image b holds the weights with which output pixel o reads input pixels
-    start[b] ... start[b] + length[b] - 1: the antialiased bicubic filter of PIL (which the authors resize with) and
-    of torch's antialias=True (a = -0.5), widened by the shrink factor when the crop is shrunk, cut to the crop."""
+    """[n, size, in_size]: the weights with which output pixel o of image b reads input pixels start[b] ... + length[b]
+    - 1: PIL's (the authors') antialiased bicubic (a = -0.5), widened by the shrink factor, cut to the crop."""
     scale = (length / size).view(-1, 1, 1)  # input pixels per output pixel
     centre = (torch.arange(size, device=start.device) + 0.5).view(1, -1, 1) * scale
     x = torch.arange(in_size, device=start.device).view(1, 1, -1) - start.view(-1, 1, 1)  # in crop coordinates
@@ -628,9 +621,8 @@ def resize_weights(start, length, size, in_size):
 
 
 def resized_crops(images, top, left, h, w, size, flip):
-    """Crop image b to rows top[b] ... + h[b], columns left[b] ... + w[b], resize to size x size and mirror where
-    flip[b]: uint8 [B, 3, H, W] -> float [B, 3, size, size] in [0, 1]. As PIL (the authors') and torchvision's uint8
-    resize: antialiased bicubic, horizontal pass first, each pass rounded and clipped to uint8 levels."""
+    """Crop image b to (top, left, h, w)[b], resize to size x size, mirror where flip[b]: uint8 -> float in [0, 1], as
+    PIL's (the authors') uint8 resize: antialiased bicubic, horizontal pass first, each pass rounded to uint8 levels."""
     rows = resize_weights(top, h, size, images.shape[2])  # [B, size, H]
     cols = resize_weights(left, w, size, images.shape[3])  # [B, size, W]
     cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
@@ -640,10 +632,9 @@ def resized_crops(images, top, left, h, w, size, flip):
 
 
 def crops_of_one_size(images, specs, gen, jitter_order=(0, 1, 2, 3)):
-    """Views `specs` (all of one size and crop scale, e.g. the local crops) of a whole batch in one pass: uint8
-    [B, 3, H, W] -> float [len(specs) * B, 3, size, size] in [0, 1], view after view, every sample with its own random
-    crop, flip, jitter factors, grayscale, blur and solarisation, each with its view's probability. Unlike torchvision's
-    per-image transforms, the order of the four colour jitters is drawn once per call, not per image."""
+    """Views `specs` (one size and crop scale) of a batch in one pass: uint8 [B, 3, H, W] -> float [len(specs) * B, 3,
+    size, size] in [0, 1], each sample with its own crop, flip, jitter, grayscale, blur and solarisation at its view's
+    probabilities; unlike torchvision's, the order of the four colour jitters is drawn per call, not per image."""
     if images.dtype != torch.uint8:
         raise TypeError(f"crops_of_one_size takes uint8 images with levels 0-255, got {images.dtype} "
                         "(a float batch in [0, 1] would come out nearly black): pass (x * 255).round().to(torch.uint8)")
@@ -684,8 +675,7 @@ def crops_of_one_size(images, specs, gen, jitter_order=(0, 1, 2, 3)):
 
 
 def multi_crop(images, specs, seed):
-    """All views of a uint8 batch [B, 3, H, W], a list as `specs`; the views of one size and scale (the two global
-    crops, the local crops) come from one crops_of_one_size call: a few large kernels instead of many small ones."""
+    """All views of a uint8 batch [B, 3, H, W], as specs; those of one size and scale from one crops_of_one_size."""
     gen = torch.Generator(device=images.device).manual_seed(seed)
     order_gen = torch.Generator().manual_seed(seed)  # jitter order drawn on the host: no device sync
     views = []
@@ -711,9 +701,7 @@ class ImageArray(torch.utils.data.Dataset):
 
 
 def make_synthetic(train, size=32):
-    """A small offline dataset with 10 known classes: 5 textures x 2 scales, random tints, phase and noise. Each class
-    survives crops, flips, colour jitter and grayscale (it is defined by shape, not colour), so the method can find
-    it; the pixels and labels depend only on the split."""
+    """Offline, 10 classes of shape (5 textures x 2 scales; random tint, phase, noise): they survive augmentation."""
     n = 2000 if train else 500
     gen = torch.Generator().manual_seed(1 if train else 2)
     labels = torch.arange(n) % 10
@@ -753,8 +741,7 @@ def read_image(path):
 
 
 class ImageFiles(torchvision.datasets.ImageFolder):
-    """Every image file under root, at any depth, sorted by path, unlabelled (label -1): a folder of one's own photos,
-    as an ImageFolder (samples, targets, classes, loader) with no classes."""
+    """Every image file under root, at any depth, sorted by path, unlabelled (-1): an ImageFolder with no classes."""
 
     def find_classes(self, directory):
         return [], {}
@@ -767,16 +754,14 @@ class ImageFiles(torchvision.datasets.ImageFolder):
 
 
 def fit(images, shape, shorter_side):
-    """uint8 images [..., 3, H, W] -> [..., 3, *shape]: as they are when of that shape, else resized (shorter side to
-    shorter_side, antialiased bilinear) and centre-cropped to it."""
+    """uint8 images [..., 3, H, W] -> [..., 3, *shape]: as they are, or shorter side resized and centre-cropped."""
     if tuple(images.shape[-2:]) == tuple(shape):
         return images
     return v2.functional.center_crop(v2.functional.resize(images, shorter_side, antialias=True), list(shape))
 
 
 class Indexed(torch.utils.data.Dataset):
-    """dataset[i] -> (uint8 image [3, *shape] as fit(image, shape, shorter_side), label, i, whether it was resized),
-    or None for an unreadable file (collate_readable leaves it out)."""
+    """dataset[i] -> (fit(uint8 image), label, i, whether it was resized), or None for an unreadable file."""
 
     def __init__(self, dataset, shape, shorter_side):
         self.dataset, self.shape, self.shorter_side = dataset, tuple(shape), shorter_side
@@ -793,9 +778,8 @@ class Indexed(torch.utils.data.Dataset):
 
 
 def collate_readable(batch):
-    """collate_fn of Indexed: the readable items stacked -> [images, labels, indices, resized flags], or None when no
-    item is readable. One tensor per batch: workers that hand back thousands of small tensors run out of file
-    descriptors ("received 0 items of ancdata")."""
+    """collate_fn of Indexed: readable items stacked (None if none); one tensor per batch: thousands of small ones
+    from workers run out of file descriptors ("received 0 items of ancdata")."""
     readable = [item for item in batch if item is not None]
     if not readable:
         return None
@@ -826,9 +810,8 @@ def image_sizes(folder, samples=256):
 
 
 def load_image_folder(root, in_memory_max_size, workers, labelled=True):
-    """ImageFolder (labelled: root/<class>/*) or ImageFiles (any depth, unlabelled); small images decoded once into
-    an ImageArray at the size most have (others resized and centre-cropped, said in one line), unreadable files left
-    out and listed in .skipped (for files read later, an empty list)."""
+    """ImageFolder (labelled) or ImageFiles; small images decoded once into an ImageArray at the size most have
+    (others resized and centre-cropped, said in one line), unreadable files left out and listed in .skipped."""
     if not Path(root).is_dir():
         raise UserError(f"cannot read image folder {root}: it does not exist")
     try:
@@ -867,8 +850,7 @@ def load_image_folder(root, in_memory_max_size, workers, labelled=True):
 
 
 def load_split(cfg, train):
-    """The training split (train=True) or the evaluation split of cfg.dataset (None for an image folder without
-    test/ or val/). An image folder without train/ is unlabelled: all its images at any depth train."""
+    """A split of cfg.dataset (None: a folder without test/ or val/; without train/, all its images, unlabelled)."""
     root = Path(cfg.data)
     if cfg.dataset == "synthetic":
         return make_synthetic(train)
@@ -890,8 +872,7 @@ def load_split(cfg, train):
 
 
 class Progress:
-    """Progress of a long step on stderr: one line every `every` seconds with done/total and a rate (rank 0 only).
-    Steps shorter than `every` print nothing."""
+    """A line on stderr every `every` seconds of a long step: done/total and a rate (rank 0; short steps: none)."""
 
     def __init__(self, what, total, unit, every=5.0):
         self.what, self.total, self.unit, self.every = what, total, unit, every
@@ -928,8 +909,7 @@ def any_rank(flag, device):
 
 
 def bn_process_group(group_size):
-    """The process group of this rank's BatchNorm: group_size consecutive ranks (None: all ranks), as apex's
-    create_syncbn_process_group, which the authors used. Collective: every rank calls it."""
+    """This rank's BatchNorm group: group_size consecutive ranks (None: all), as the authors' apex; a collective."""
     if group_size in (0, world_size()):
         return None
     if world_size() % group_size:
@@ -938,8 +918,7 @@ def bn_process_group(group_size):
 
 
 def sync_batchnorm(model, device, group_size=0):
-    """Every BatchNorm normalises over the batches of its group of ranks (nn.SyncBatchNorm). SyncBatchNorm needs GPUs:
-    processes on the CPU (gloo) normalise their own batch each, said once."""
+    """nn.SyncBatchNorm over the group of ranks; it needs GPUs: CPU processes normalise their own batch, said once."""
     group = bn_process_group(group_size)
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
@@ -982,20 +961,17 @@ def strip_prefixes(state_dict):
 
 
 class AuthorsQueue:
-    """Inert stand-in for the nearest-neighbour queue (their utils.NNQueue: tensors, a pointer, a flag) that the
-    authors' train.py pickles into every checkpoint; unpickled as data, never used."""
+    """Inert stand-in for the queue (their utils.NNQueue) that the authors pickle into checkpoints: data, unused."""
 
 
-# A checkpoint is data: torch.load(weights_only=True) rebuilds tensors, numbers, strings, lists and dicts only. The
-# authors' files need two more globals (read off their train.py's save_checkpoint); nothing else is ever imported.
+# the two globals the authors' files need beyond weights_only's tensors (read off their train.py's save_checkpoint)
 AUTHORS_GLOBALS = [argparse.Namespace, (AuthorsQueue, "utils.NNQueue")]
 
 
 def from_authors_checkpoint(state):
-    """The authors' released checkpoints (github elad-amrani/self-classifier) as one of ours: their keys
-    module.backbone.* (torchvision ResNet), module.mlp_head.mlp.{0,1,3}.* (Linear, BatchNorm1d, LeakyReLU, Linear)
-    and module.cls_{i}.weight_g / weight_v (old-style weight norm) renamed to this model's, the config read off the
-    tensor shapes, the ImageNet mean and std. ValueError when the projection or the backbone is not this project's."""
+    """The authors' released checkpoint as one of ours: module.backbone.*, module.mlp_head.mlp.{0,1,3}.* and
+    module.cls_{i}.weight_g / weight_v (old-style weight norm) renamed, the config read off the shapes, the ImageNet
+    mean and std. ValueError when the projection or the backbone is not this project's."""
     weights = dict(pixel_mean=torch.tensor(IMAGENET_MEAN_STD[0]).view(1, 3, 1, 1),
                    pixel_std=torch.tensor(IMAGENET_MEAN_STD[1]).view(1, 3, 1, 1))
     projection_layers = set()
@@ -1027,8 +1003,7 @@ def from_authors_checkpoint(state):
 
 
 def load_torch_file(path, what="checkpoint", allowed=()):
-    """torch.load onto the CPU as data: tensors, numbers, strings, lists, dicts and the `allowed` globals; else a
-    UserError naming the cause (missing, empty, not a PyTorch file, truncated or corrupted, a global not allowed)."""
+    """torch.load as data (tensors, numbers, strings, lists, dicts, `allowed`), or a UserError naming the cause."""
     if not Path(path).is_file():
         raise UserError(f"{what} {path} does not exist")
     with open(path, "rb") as f:
@@ -1075,9 +1050,7 @@ def model_from_checkpoint(state):
 
 # ---- Monitors: collapse (every log line, from the training batches) and the test split (at epoch ends)
 class CollapseMonitor:
-    """Per head, the predicted class counts over the epoch, summed over ranks, of the second global view (views[1]),
-    which the nearest-neighbour queue never replaces (views[0]'s logits are its neighbours' once the queue is full);
-    the authors monitor the same view."""
+    """Per head, the epoch's class counts (over ranks) of views[1], which the queue never replaces (as the authors)."""
 
     def __init__(self, num_classes, device):
         self.counts = [torch.zeros(c, dtype=torch.long, device=device) for c in num_classes]
@@ -1102,8 +1075,7 @@ class CollapseMonitor:
 
 
 def test_split_monitors(run, epoch, heads, knn, logged=True):
-    """On rank 0, the due test-split monitors (heads: NMI / ACC of the head of C = the number of classes; knn: kNN
-    top-1 on backbone features) by the monitor given to train (eval_clustering.monitor_test_split), each logged."""
+    """On rank 0, the due test-split monitors (heads: NMI / ACC; knn: kNN top-1) by train's monitor, each logged."""
     if not (heads or knn) or not run.is_main or not run.eval_labelled or run.monitor is None:
         return
     for record, line in run.monitor(run.raw_model, run.train_set, run.eval_set, run.cfg, run.device, run.dtype,
@@ -1120,9 +1092,8 @@ PACE_STEPS = 10        # ... then the steps timed; the budget is planned after t
 
 
 class Batches:
-    """One epoch of training batches for this rank: (views list, labels [B], indices [B]) on the device. The order
-    comes from DistributedSampler (seeded by run seed and epoch, one shard per rank), each batch's augmentation from
-    a seed derived from (run seed, epoch, sample or step): an epoch resumed at any step gives the same batches."""
+    """An epoch's batches for this rank, (views, labels [B], indices [B]) on the device, in DistributedSampler's
+    order; augmentation seeded by (run seed, epoch, sample or step): resumed at any step, the same batches."""
 
     def __init__(self, dataset, cfg, specs, device, epoch, start_step, steps):
         sampler = torch.utils.data.DistributedSampler(range(len(dataset)), num_replicas=world_size(), rank=rank(),
@@ -1163,8 +1134,7 @@ def use_batch_aug(cfg, dataset):
 
 
 def autocast_dtype(precision, device):
-    """--precision as an autocast dtype (None = float32): auto = bf16 on GPUs that compute it natively (compute
-    capability 8.0, Ampere, and later), fp16 on older GPUs (T4, V100; with the gradient scaler), fp32 on the CPU."""
+    """--precision as an autocast dtype (None: fp32); auto: bf16 from Ampere (8.0), fp16 before, fp32 on the CPU."""
     if precision == "auto":
         precision = ("fp32" if device.type != "cuda" else
                      "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
@@ -1172,8 +1142,7 @@ def autocast_dtype(precision, device):
 
 
 def build_training(cfg, device, train_set):
-    """(model, raw_model, optimizer, scaler, queue, autocast dtype) of a run: the model normalised with the training
-    images' per-channel statistics (ImageNet's for images read from files), BatchNorm across ranks, DDP-wrapped."""
+    """(model, raw_model, optimizer, scaler, queue, dtype); inputs normalised by the training images' statistics."""
     if isinstance(train_set, ImageArray):
         pixels = train_set.images[:10000].float() / 255
         mean_std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
@@ -1206,8 +1175,7 @@ def log(run, record, line):
 
 
 def start_run(cfg, started):
-    """Everything a run holds: device, data, model and optimiser, its log file and its position (step, schedule);
-    resumed from OUT_DIR/ckpt.pt when it belongs to this run, else started from --resume's weights if given."""
+    """Everything a run holds (device, data, model, optimiser, log file, step, schedule), resumed if it can be."""
     device = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed + rank())
     run = types.SimpleNamespace(cfg=cfg, device=device, started=started, is_main=rank() == 0, log_file=None,
@@ -1252,8 +1220,7 @@ def load_data(run):
         raise UserError(f"{len(run.train_set)} training images are fewer than one global batch of {run.global_batch}")
     if run.global_batch < min(cfg.num_classes):  # over-clustering heads may exceed it: the paper's 8000 with 4096
         log(run, dict(event="small_batch"), f"note: global batch {run.global_batch} < smallest head C="
-            f"{min(cfg.num_classes)}: the uniform prior asks every class to be used by N/C samples of a batch, which "
-            "needs many samples per class")
+            f"{min(cfg.num_classes)}: the uniform prior asks every class for N/C samples of a batch, which needs many")
     run.eval_labelled = run.eval_set is not None and all(label >= 0 for label in run.eval_set.targets)
     run.labelled_train = sum(label >= 0 for label in getattr(run.train_set, "targets", []))
     if not run.eval_labelled and (cfg.eval_every or cfg.knn_every):
@@ -1262,8 +1229,7 @@ def load_data(run):
 
 
 def find_checkpoint(cfg, ckpt_path):
-    """-> (state, path, own): this run's OUT_DIR/ckpt.pt (own), else --resume FILE, else (None, None, False).
-    A checkpoint of another model, or in OUT_DIR of another run (data, batch, schedule), is refused in one line."""
+    """-> (state, path, own): OUT_DIR/ckpt.pt (own), else --resume FILE, else Nones; another run's is refused."""
     own = ckpt_path.exists()
     path = ckpt_path if own else Path(cfg.resume) if cfg.resume else None
     if path is None:
@@ -1282,8 +1248,7 @@ def find_checkpoint(cfg, ckpt_path):
 
 
 def resume(run, state, path, own):
-    """The model's weights always; optimizer, scaler, queue, step and schedule only when continuing this run (own).
-    --resume FILE, ours or the authors', starts a new run from FILE's weights."""
+    """The weights; optimizer, scaler, queue, step and schedule only when continuing this run's own checkpoint."""
     run.raw_model.load_state_dict(strip_prefixes(state["model"]))
     if not own:
         whose = "the authors' checkpoint" if state.get("source") == "authors" else "checkpoint"
@@ -1305,8 +1270,7 @@ def budget_monitors(run):
 
 
 def monitors_due(run, epoch):
-    """(heads, kNN) test-split monitors due at the end of this epoch's steps: every --eval-every / --knn-every epochs
-    and after the last step (--minutes: after the last step only)."""
+    """(heads, kNN) monitors due after this epoch: every --eval-every / --knn-every epochs, and at the end."""
     cfg, final = run.cfg, run.step == total_steps(run)
     if cfg.minutes:
         return tuple(final and due for due in budget_monitors(run))
@@ -1324,8 +1288,7 @@ def last_step(run):
 
 
 def check_losses(run):
-    """Copy the losses since the last check to the host at once (no sync per step) into run.interval_losses, which
-    the next log line averages and empties; a NaN stops the run."""
+    """The losses since the last check to the host at once (no sync per step), for the next log line; NaN stops."""
     values = torch.stack([loss for _, loss in run.pending_losses]).tolist() if run.pending_losses else []
     for (step, _), value in zip(run.pending_losses, values):
         if not math.isfinite(value):
@@ -1356,8 +1319,7 @@ def timed(run, action, *args):
 
 def train(cfg, started=None, monitor=None):
     """Train (or resume) the run cfg describes; returns the unwrapped model. started: the budget's clock (now).
-    monitor(model, train_set, eval_set, cfg, device, dtype, heads, knn) -> [(log record, line)]: the test-split
-    monitors (eval_clustering.monitor_test_split); None: the loss and collapse monitors only."""
+    monitor: eval_clustering.monitor_test_split, the test-split monitors (None: the loss and collapse ones only)."""
     run = start_run(cfg, started or time.time())
     run.monitor = monitor
     config = dataclasses.asdict(cfg)
@@ -1368,8 +1330,7 @@ def train(cfg, started=None, monitor=None):
         log(run, dict(event="finished", step=run.step), f"already trained {run.step // run.steps_per_epoch} epochs "
             f"({run.step} steps) in {run.out_dir}; nothing to do — use another --out-dir to train again")
     interrupted = []  # Ctrl-C or SIGTERM (a job's time limit) finishes the step, saves a checkpoint, then exits
-    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum)) for s in (signal.SIGINT,
-                                                                                            signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda n, _: interrupted.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while run.step < last_step(run):
             train_epoch(run, run.step // run.steps_per_epoch, interrupted)
@@ -1456,8 +1417,7 @@ def log_interval(run, epoch, lr, monitor, interval):
 
 
 def pace(run, steps_run, warmup_steps):
-    """--minutes: time PACE_STEPS steps after the first PACE_WARMUP_STEPS of this process (checkpoints and monitors
-    in between not counted), then plan the budget: at the same step on every rank, with no collective until then."""
+    """--minutes: time PACE_STEPS steps after PACE_WARMUP_STEPS (not the overhead), then plan, the same on all ranks."""
     if steps_run in (PACE_WARMUP_STEPS, PACE_WARMUP_STEPS + PACE_STEPS) and run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # the host may run ahead of the device by a step
     if steps_run == PACE_WARMUP_STEPS:
@@ -1468,9 +1428,8 @@ def pace(run, steps_run, warmup_steps):
 
 
 def plan_budget(run, step_time, warmup_steps):
-    """Fix the schedule's length so that the rest of the run (its steps, a checkpoint per epoch, then the final
-    checkpoint and test-split monitors) ends inside the budget, from the step time, one timed checkpoint and one timed
-    heads pass (a kNN pass costs that per image it extracts). Rank 0's plan is every rank's."""
+    """Fix the schedule's length so that its steps, a checkpoint per epoch and the final monitors end inside the
+    budget, from the step time, one timed checkpoint and one timed heads pass (kNN: that per image). Rank 0's plan."""
     cfg, spe, budget = run.cfg, run.steps_per_epoch, 60 * run.cfg.minutes
     heads, knn = budget_monitors(run)
     if cfg.compile:  # the first pass in eval mode compiles the backbone again: not a cost of the final monitors

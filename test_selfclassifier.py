@@ -1444,16 +1444,19 @@ def test_a_hostile_checkpoint_is_refused_in_one_line_at_every_entry_point(tmp_pa
             assert not marker.exists(), f"{path.name} ran its payload through {entry}"
 
 
-def test_the_docs_example_payload_prints_one_line_and_exits_1(tmp_path):
-    """docs/tests.md shows a hostile checkpoint; `python eval_clustering.py --checkpoint evil.pt` refuses it."""
+def test_the_docs_example_payload_prints_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+    """docs/tests.md shows a hostile checkpoint; `python eval_clustering.py --checkpoint evil.pt` refuses it (main,
+    run in this process: the entry point that the hostile-checkpoint test runs at every door)."""
     text = (HERE / "docs" / "tests.md").read_text()
     program = text.split("```python\n", 1)[1].split("```", 1)[0]
-    subprocess.run([sys.executable, "-c", program], cwd=tmp_path, check=True, timeout=120)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(program, "docs/tests.md", "exec"), {"__name__": "docs_example"})
     assert (tmp_path / "evil.pt").is_file()
-    result = subprocess.run([sys.executable, str(HERE / "eval_clustering.py"), "--checkpoint", "evil.pt"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: checkpoint evil.pt wants to load ") and not list(tmp_path.glob("PWNED*"))
+    with pytest.raises(SystemExit) as exit_info:
+        ec.main(["--checkpoint", "evil.pt"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and error.count("\n") == 1, error
+    assert error.startswith("error: checkpoint evil.pt wants to load ") and not list(tmp_path.glob("PWNED*"))
 
 
 def test_resume_file_starts_a_new_run_from_its_weights(tmp_path, short_epochs):
@@ -1509,8 +1512,11 @@ def test_every_logged_loss_is_the_mean_of_its_interval_across_saves(tmp_path, mo
         losses[len(losses) + 1] = float(out[0])
         return out
 
+    saved = []
     monkeypatch.setattr(sc, "train_step", recording)
+    monkeypatch.setattr(sc, "save_checkpoint", lambda path, state: saved.append(state["step"]))  # not the disk's time
     train(tiny(tmp_path, "--log-every", "3", "--save-every-min", "1e-9", "--epochs", "3", "--eval-every", "1"))
+    assert saved == sorted(saved) and set(range(1, 13)) <= set(saved)  # a checkpoint after every step
     records = train_records(tmp_path)
     ends = [r["step"] for r in records]
     assert 6 in ends and 5 not in ends and 4 in ends  # an interval (4, 6] with a save after step 5
@@ -1534,18 +1540,16 @@ def test_a_labelled_folder_without_a_test_split_trains(tmp_path, capsys):
     assert exit_info.value.code == 1 and "has no evaluation split" in error and error.count("\n") == 1
 
 
-def test_a_failing_import_of_eval_clustering_is_named(tmp_path):
-    """eval_clustering.py present but its import failing (e.g. scipy missing): the line names the real cause."""
-    (tmp_path / "selfclassifier.py").write_bytes((HERE / "selfclassifier.py").read_bytes())
+def test_a_failing_import_of_eval_clustering_is_named(tmp_path, monkeypatch, capsys):
+    """eval_clustering.py present but its import failing (e.g. scipy missing): main() names the real cause in one
+    line and trains on without the test-split monitors."""
     (tmp_path / "eval_clustering.py").write_text("import no_such_module_for_this_test\n")
-    flags = TINY + ["--batch-size", "1000", "--epochs", "1", "--warmup-epochs", "0", "--eval-every", "1",
-                    "--knn-every", "0", "--queue-len", "0", "--workers", "0", "--global-size", "8", "--local-crops",
-                    "0", "--out-dir", "run"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "selfclassifier.py", *flags], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.count("cannot import eval_clustering: No module named 'no_such_module_for_this_test'") == 1
+    monkeypatch.delitem(sys.modules, "eval_clustering")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sc.main(TINY + ["--max-steps", "1", "--eval-every", "1", "--out-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert out.count("cannot import eval_clustering: No module named 'no_such_module_for_this_test'") == 1, out
+    assert sc.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 1
 
 
 def test_the_queue_stores_and_replaces_the_first_global_view():
@@ -2834,8 +2838,8 @@ class Links(HTMLParser):
 def test_predict_shows_each_class_in_a_sheet_and_a_page_and_never_mixes_old_output(trained, tmp_path, capsys):
     """3,000 unlabelled 32 px images: --grid-dir holds one sheet per head (a captioned row per used class, largest
     first, tiles of 64 px showing the class's surest members, enlarged 2x) and index.html, whose every thumbnail and
-    link opens an existing file (odd names included). Predicting again replaces that output whole (an older version's
-    grids included); a folder holding anything else is refused in one line, untouched."""
+    link opens an existing file (odd names included). Predicting again replaces that output whole; a folder holding
+    anything else (a file, a folder) is refused in one line, untouched."""
     from PIL import Image
     import urllib.parse
     pixels = write_photos(tmp_path / "photos", 3000)
@@ -2846,8 +2850,6 @@ def test_predict_shows_each_class_in_a_sheet_and_a_page_and_never_mixes_old_outp
         return urllib.parse.unquote(parts.path)
 
     grids, csv_path = tmp_path / "grids", tmp_path / "predictions.csv"
-    (grids / "C10").mkdir(parents=True)
-    (grids / "C10" / "rank000_class0_n740.png").write_bytes(b"an older version's grid")
     predict = ["--checkpoint", str(trained / "ckpt.pt"), "--out", str(csv_path), "--grid-dir", str(grids),
                "--workers", "0"]
     ec.main(predict + ["--predict", str(tmp_path / "photos")])
@@ -2887,11 +2889,11 @@ def test_predict_shows_each_class_in_a_sheet_and_a_page_and_never_mixes_old_outp
     assert exit_info.value.code == 1 and error.count("\n") == 1 and "holds files this program did not write" in error
     assert (grids / "notes.txt").read_text() == "mine" and (grids / "C10.png").is_file()
     (grids / "notes.txt").unlink()
-    (grids / "C10" / "C5").mkdir(parents=True)  # a folder in a folder: not what any version wrote
-    (grids / "C10" / "C5" / "C5.png").write_bytes(b"")
+    (grids / "C10").mkdir()  # a folder named as a sheet: not what this program writes
+    (grids / "C10" / "C5.png").write_bytes(b"")
     with pytest.raises(sc.UserError, match="did not write"):
         ec.claim_grid_dir(grids)
-    assert (grids / "C10" / "C5" / "C5.png").is_file() and (grids / "C10.png").is_file()
+    assert (grids / "C10" / "C5.png").is_file() and (grids / "C10.png").is_file()
 
 
 def test_sort_into_makes_one_link_per_image_in_its_class_folder(trained, tmp_path, capsys):
@@ -2942,18 +2944,17 @@ def test_every_option_has_help_and_shows_its_default_once(parser):
     assert "(default: None)" not in text and "(default: )" not in text
 
 
-def test_the_readme_python_snippet_runs_as_written(trained, tmp_path):
+def test_the_readme_python_snippet_runs_as_written(trained, tmp_path, monkeypatch, capsys):
     """The README's "From Python" block, run as it stands in a folder holding out/photos/ckpt.pt and photos/."""
     readme = (HERE / "README.md").read_text()
     snippet = readme.split("From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "out" / "photos").mkdir(parents=True)
     (tmp_path / "out" / "photos" / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
     write_photos(tmp_path / "photos", 12)
-    env = dict(os.environ, PYTHONPATH=str(HERE))
-    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("tensor([") and run.stdout.count("tensor(") == 2, run.stdout
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {"__name__": "readme_snippet"})  # its imports: this process's modules
+    out = capsys.readouterr().out
+    assert out.startswith("tensor([") and out.count("tensor(") == 2, out
 
 
 @pytest.mark.parametrize("make, message", [(lambda root: None, "does not exist"),
@@ -3115,16 +3116,16 @@ def test_selfclassifier_runs_alone_and_says_once_which_monitors_it_skips(tmp_pat
     assert sc.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
 
 
-def test_running_the_script_loads_one_copy_of_selfclassifier(tmp_path):
+def test_running_the_script_loads_one_copy_of_selfclassifier(tmp_path, monkeypatch):
     """`python selfclassifier.py`: eval_clustering.py, imported by main() for the monitors, imports selfclassifier;
     that must be the running script itself, not a second copy of the module with its own globals."""
     flags = TINY + ["--max-steps", "1", "--workers", "0", "--out-dir", str(tmp_path / "run")]
-    program = (f"import runpy, sys; sys.argv = ['selfclassifier.py'] + {flags!r}; "
-               f"runpy.run_path({str(HERE / 'selfclassifier.py')!r}, "
-               "run_name='__main__'); import eval_clustering; print('copies', eval_clustering.sc.__name__)")
-    run = subprocess.run([sys.executable, "-c", program], cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[-1] == "copies __main__", run.stdout
+    for name in ("selfclassifier", "eval_clustering"):  # as in a new interpreter: neither imported yet
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "argv", ["selfclassifier.py"] + flags)
+    runpy.run_path(str(HERE / "selfclassifier.py"), run_name="__main__")
+    import eval_clustering
+    assert eval_clustering.sc.__name__ == "__main__" and sys.modules["selfclassifier"] is eval_clustering.sc
 
 
 def test_selfclassifier_opens_with_the_method_and_every_line_is_short():
