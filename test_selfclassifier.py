@@ -2944,15 +2944,16 @@ def test_every_option_has_help_and_shows_its_default_once(parser):
     assert "(default: None)" not in text and "(default: )" not in text
 
 
-def test_the_readme_python_snippet_runs_as_written(trained, tmp_path, monkeypatch, capsys):
-    """The README's "From Python" block, run as it stands in a folder holding out/photos/ckpt.pt and photos/."""
-    readme = (HERE / "README.md").read_text()
-    snippet = readme.split("From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+def test_the_python_snippet_of_the_docs_runs_as_written(trained, tmp_path, monkeypatch, capsys):
+    """docs/own-images.md's "From Python" block (the README links it), run as it stands in a folder holding
+    out/photos/ckpt.pt and photos/."""
+    page = (HERE / "docs" / "own-images.md").read_text()
+    snippet = page.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "out" / "photos").mkdir(parents=True)
     (tmp_path / "out" / "photos" / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
     write_photos(tmp_path / "photos", 12)
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet, "README.md", "exec"), {"__name__": "readme_snippet"})  # its imports: this process's modules
+    exec(compile(snippet, "docs/own-images.md", "exec"), {"__name__": "docs_snippet"})  # this process's modules
     out = capsys.readouterr().out
     assert out.startswith("tensor([") and out.count("tensor(") == 2, out
 
