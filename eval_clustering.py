@@ -914,9 +914,10 @@ def write_sheets(grid_dir, name, dataset, indices, members, probability, class_n
     return files
 
 
-def write_index_html(path, heads):
+def write_index_html(path, heads, root):
     """A static page (no script) to browse the classes. heads: [(name, sheet files, [(class, size, share, mean
-    probability, [(image file, probability)])])]; images and sheets are linked by relative, URL-quoted paths."""
+    probability, [(image file, probability)])])]; images and sheets are linked by relative, URL-quoted paths, each
+    image titled with its path under root."""
     folder = Path(path).parent
     link = lambda file: html.escape(urllib.parse.quote(Path(os.path.relpath(file, folder)).as_posix()))
     out = ['<!DOCTYPE html><html><head><meta charset="utf-8"><title>What each class holds</title><style>',
@@ -930,7 +931,7 @@ def write_index_html(path, heads):
         for k, size, share, mean_p, members in classes:
             out.append(f"<h3>class {k}: {size:,} images ({100 * share:.1f} %), mean probability {mean_p:.2f}</h3><p>")
             out += [f'<a href="{link(f)}"><img src="{link(f)}" width="64" height="64" loading="lazy" alt="" '
-                    f'title="{html.escape(Path(f).name)}, p {p:.2f}"></a>' for f, p in members]
+                    f'title="{html.escape(os.path.relpath(f, root))}, p {p:.2f}"></a>' for f, p in members]
             out.append("</p>")
     Path(path).write_text("\n".join(out + ["</body></html>\n"]), encoding="utf-8")
 
@@ -995,7 +996,7 @@ def predict(args):
                         [(paths[i], float(probability[i])) for i in of_k[:args.grid_per_class]]) for k, of_k in members]
             pages.append((f"C{c}", sheets, classes))
     if args.grid_dir:
-        write_index_html(Path(args.grid_dir) / "index.html", pages)
+        write_index_html(Path(args.grid_dir) / "index.html", pages, root)
         written.append(str(Path(args.grid_dir) / "index.html"))
     if args.sort_into:
         head = cfg.num_classes.index(args.sort_head) if args.sort_head else 0

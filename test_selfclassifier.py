@@ -4,6 +4,7 @@
 """
 import contextlib
 import hashlib
+import html
 import itertools
 import json
 import math
@@ -2752,6 +2753,8 @@ def test_an_unlabelled_folder_trains_and_every_image_gets_a_class(photo_run, tmp
     assert np.array_equal(classes[:, 1], out["predictions"][1].numpy())
     np.testing.assert_allclose(probabilities, torch.stack(out["probabilities"], 1).numpy(), atol=5e-5)  # 4 decimals
     page = (tmp_path / "grids" / "index.html").read_text()
+    titles = re.findall(r'title="([^"]*), p [0-9.]+"', page)  # shown on hover: the path under the folder
+    assert titles and all((photos / html.unescape(title)).is_file() for title in titles)
     for c, head in ((10, 0), (12, 1)):
         section = page.split(f'<h2 id="C{c}">')[1].split("<h2")[0]
         sizes = [int(size) for size in re.findall(r"<h3>class \d+: (\d+) images", section)]
