@@ -6,7 +6,7 @@ view must predict the class of the others. A uniform prior over classes (a softm
 rules out the trivial solution: no pseudo-labels, k-means, momentum encoder or stop-gradient.
 
     # CPU smoke run on an offline synthetic dataset with known labels
-    python selfclassifier.py --dataset synthetic --stem imagenet --epochs 4 --batch-size 128 --hidden-dim 512 \
+    python selfclassifier.py --dataset synthetic --stem imagenet --epochs 3 --batch-size 128 --hidden-dim 512 \
         --num-classes 10 20 --warmup-epochs 1 --local-crops 0 --lr 1.0
     # CIFAR-10 on one GPU, trained to a wall-clock budget of 10 minutes; several GPUs: torchrun --nproc_per_node=4
     python selfclassifier.py --dataset cifar10 --data ./data --download --minutes 10

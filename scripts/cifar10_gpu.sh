@@ -14,7 +14,7 @@
 #   does not. 0 passes no budget: the run follows --epochs (28 by default).
 # Environment:
 #   DATA_DIR     the folder that holds cifar10-jpeg/ (default data)
-#   RUN_DIR      the run's folder (default out/cifar10-gpu/<date-time>: a new one per call; an existing one with a
+#   RUN_DIR      the run's folder (default out/cifar10-gpu/<date-time>-<pid>: a new one per call; an existing one with a
 #                checkpoint of the same run is continued)
 #   EXTRA_FLAGS  appended to the training command (they win over the defaults), e.g. "--batch-size 1024"
 #   EVAL_FLAGS   appended to the evaluation command (default "--kmeans-seeds 1": one k-means run per feature kind)
@@ -32,7 +32,7 @@ cd "$(dirname "$0")/.."  # the repo root: selfclassifier.py and eval_clustering.
 TARBALL_DIR=${1:--}
 MINUTES=${2:-6}
 DATA_DIR=${DATA_DIR:-data}
-RUN_DIR=${RUN_DIR:-out/cifar10-gpu/$(date +%Y%m%d-%H%M%S)}
+RUN_DIR=${RUN_DIR:-out/cifar10-gpu/$(date +%Y%m%d-%H%M%S)-$$}
 EXTRA_FLAGS=${EXTRA_FLAGS:-}
 EVAL_FLAGS=${EVAL_FLAGS---kmeans-seeds 1}
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
