@@ -413,7 +413,7 @@ class Config:
     max_steps: int = option(0, "stop after this many steps (0 = the whole schedule)", type=non_negative_int)
     log_every: int = option(50, "steps between log lines (and after 1, 2, 4, ... steps)", type=positive_int)
     save_every_min: float = option(15.0, "minutes between mid-epoch checkpoints", type=positive_float)
-    eval_every: int = option(-1, "epochs between heads monitors (-1: 1; 0: never; --minutes: at the end)",
+    eval_every: int = option(-1, "epochs between heads monitors (-1: each; with --minutes: the end; 0: never)",
                              type=epochs_or_auto)
     knn_every: int = option(-1, "epochs between kNN monitors (-1: 10 up to 100,000 images, else 0 = never)",
                             type=epochs_or_auto)
