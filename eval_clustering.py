@@ -849,7 +849,6 @@ def claim_grid_dir(grid_dir):
     grid_dir = Path(grid_dir)
     if grid_dir.exists() and not grid_dir.is_dir():
         raise sc.UserError(f"--grid-dir {grid_dir} is a file, not a folder")
-
     entries = list(grid_dir.iterdir()) if grid_dir.exists() else []
     foreign = [e.name for e in entries if not (e.is_file() and OUR_GRID_FILE.fullmatch(e.name))]
     if foreign:

@@ -2906,7 +2906,7 @@ def test_predict_on_a_missing_or_empty_folder_is_one_line(trained, tmp_path, mak
     assert exit_info.value.code == 1 and message in error and len(error.strip().splitlines()) == 1
 
 
-# ---- scripts/, the device command and the shape of the files
+# ---- scripts/, the remote GPU command and the shape of the files
 def test_a_failing_import_of_eval_clustering_is_named(tmp_path, monkeypatch, capsys):
     """eval_clustering.py present but its import failing (e.g. scipy missing): main() names the real cause in one
     line and trains on without the test-split monitors."""
@@ -3149,37 +3149,40 @@ def test_selfclassifier_opens_with_the_method_and_every_line_is_short():
 
 
 def reproduce_command(start):
-    """The line of docs/reproduce.md's "On a lent GPU" that starts with `start`."""
-    section = (HERE / "docs" / "reproduce.md").read_text().split("## On a lent GPU", 1)[1].split("\n## ", 1)[0]
-    (line,) = [line.strip() for line in section.splitlines() if line.strip().startswith(start)]
-    return line
+    """The indented command of docs/reproduce.md's "As a remote GPU job" that starts with `start`, continuation lines
+    included."""
+    section = (HERE / "docs" / "reproduce.md").read_text().split("## As a remote GPU job", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"(?m)^(    \S.*\n(?:        .*\n)*)", section)
+    (block,) = [b for b in blocks if b.strip().startswith(start)]
+    return block.strip()
 
 
-def test_the_device_command_runs_as_written_in_a_copy_without_git(tmp_path):
-    """docs/reproduce.md's device command, as written, in a copy of the scripts without .git, on tarballs of a small
-    JPEG folder in gpu/ with the commit beside them and scaled-down flags through the script's variables: it prints
+def test_the_remote_gpu_command_runs_as_written_in_a_copy_without_git(tmp_path):
+    """docs/reproduce.md's remote GPU command, as written, in a copy of the scripts without .git, on the gpu/ folder
+    that the page's packing command makes (run as written in a git checkout holding a small JPEG folder in data/),
+    with scaled-down flags through the script's variables: it prints
     what the ledger needs first, exits 0 and leaves its 8 files in $OUT, the ledger row naming the commit. Run again
     and stopped by SIGTERM (as `timeout` sends it: to every process of the command) in the middle of training, it
     leaves a checkpoint of the step it stopped at in a run folder of its own, and the small files in $OUT."""
-    import tarfile
     from PIL import Image
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("selfclassifier.py", "eval_clustering.py", "scripts"):
         (shutil.copytree if (HERE / name).is_dir() else shutil.copy)(HERE / name, repo / name)
-    jpegs, rng = tmp_path / "jpegs" / "cifar10-jpeg", np.random.default_rng(0)
+    checkout, rng = tmp_path / "checkout", np.random.default_rng(0)  # where the packing runs: a git checkout
     for split, n in (("train", 48), ("test", 8)):
         for c in ("cat", "dog"):
-            (jpegs / split / c).mkdir(parents=True)
+            (checkout / "data" / "cifar10-jpeg" / split / c).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(jpegs / split / c / f"{i}.jpg")
-    (repo / "gpu").mkdir()
-    for split in ("train", "test"):
-        with tarfile.open(repo / "gpu" / f"cifar10-jpeg-{split}.tar.gz", "w:gz") as tar:
-            tar.add(jpegs / split, arcname=f"cifar10-jpeg/{split}")
-    commit = "f00dfee-test"  # what `git describe` wrote into gpu/COMMIT here
-    (repo / "gpu" / "COMMIT").write_text(commit + "\n")
-    assert reproduce_command("mkdir -p gpu").endswith("git describe --always --dirty > gpu/COMMIT")
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    checkout / "data" / "cifar10-jpeg" / split / c / f"{i}.jpg")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(checkout)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "t"], check=True)
+    subprocess.run(["bash", "-c", reproduce_command("mkdir -p gpu")], cwd=checkout, check=True)
+    commit = (checkout / "gpu" / "COMMIT").read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{7,}", commit), commit
+    shutil.copytree(checkout / "gpu", repo / "gpu")
     command = reproduce_command("timeout -s TERM")
     small = ("--stem imagenet --global-size 16 --local-crops 0 --hidden-dim 32 --embed-dim 16 --batch-size 16 "
              "--num-classes 2 4 --warmup-epochs 0 --workers 0 --minutes 0")

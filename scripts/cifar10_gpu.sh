@@ -8,7 +8,7 @@
 #   (DATA_DIR defaults to data, inside the repository and ignored by git; docs/reproduce.md says how to make it).
 # TARBALL_DIR: "-" (the default) when that folder exists; else a folder holding cifar10-jpeg-train.tar.gz and
 #   cifar10-jpeg-test.tar.gz (each unpacks to cifar10-jpeg/<split>/<class>/*.jpg), unpacked into DATA_DIR, and
-#   optionally COMMIT, a file naming the commit of a checkout without .git (docs/reproduce.md, "On a lent GPU").
+#   optionally COMMIT, a file naming the commit of a checkout without .git (docs/reproduce.md, "As a remote GPU job").
 # MINUTES: the training budget, passed as `--minutes MINUTES` (default 6). Its clock starts when selfclassifier.py's
 #   main() starts (after Python's imports): reading and decoding the images count inside it, the evaluation after it
 #   does not. 0 passes no budget: the run follows --epochs (28 by default).

@@ -45,7 +45,7 @@ if [ ! -d "$DATA_DIR/cifar10-jpeg" ]; then
     mkdir -p "$DATA_DIR"
     for split in train test; do tar -xzf "$TARBALL_DIR/cifar10-jpeg-$split.tar.gz" -C "$DATA_DIR"; done
 fi
-copy_back() {  # on every exit, success or not: 3 files, within what a device run returns
+copy_back() {  # on every exit, success or not: 3 files
     if [ -n "${OUT:-}" ] && [ -d "$SWEEP_DIR" ]; then
         mkdir -p "$OUT"
         for f in table.json bench.txt; do if [ -f "$SWEEP_DIR/$f" ]; then cp "$SWEEP_DIR/$f" "$OUT/"; fi; done

@@ -419,15 +419,14 @@ def machine(commit=None):
         torch_version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         torch_version = "unknown"
-    if commit:
-        return dict(gpu=gpu, torch=torch_version, commit=commit)
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                             timeout=30)
-        commit = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        commit = "unknown"
-    return dict(gpu=gpu, torch=torch_version, commit=commit)
+    if not commit:
+        try:
+            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                                 timeout=30)
+            commit = out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return dict(gpu=gpu, torch=torch_version, commit=commit or "unknown")
 
 
 LEDGER_HEADER = ("| date | GPU | commit | command | minutes | epochs | images/s | ACC / NMI (head C=classes) "
